@@ -1,0 +1,187 @@
+"""The registry entry: one model the proxy and the loader know about.
+
+The field set is the one the original ImageWorks registry files use, so those files load as they
+are. Every model allows extra fields and serialisation writes only the fields a file set (plus
+those changed since), so a load followed by a save leaves unknown and untouched data exactly as it
+was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from imageworks.registry.capabilities import (
+    canonical_capabilities,
+    capability_state,
+    clean_capabilities,
+)
+
+# Backends the proxy knows how to reach. Other values load fine (the original used `lmdeploy`,
+# `triton`, `gguf`, `unassigned`); the proxy refuses to route them with a clear error.
+KNOWN_BACKENDS = ("vllm", "llamacpp", "ollama", "external")
+
+_ABSENT_IDS = {"", "none", "null"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), validate_assignment=True)
+
+
+class BackendConfig(_Section):
+    host: str | None = None
+    port: int = 0  # 0 means "the backend's default port"
+    base_url: str | None = None
+    model_path: str = ""
+    extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("host", "base_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _null_port_is_default(cls, value: object) -> object:
+        return 0 if value is None or value == "" else value
+
+    @field_validator("extra_args", mode="before")
+    @classmethod
+    def _null_args_are_empty(cls, value: object) -> object:
+        return [] if value is None else value
+
+
+class ChatTemplate(_Section):
+    source: str = "embedded"  # embedded | external | extracted
+    path: str | None = None
+    sha256: str | None = None
+
+
+class GenerationDefaults(_Section):
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    top_k: int | None = None
+    context_window: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    stop_sequences: list[str] | None = None
+
+
+class VersionLock(_Section):
+    locked: bool = False
+    expected_aggregate_sha256: str | None = None
+    last_verified: str | None = None
+
+
+class ArtifactFile(_Section):
+    path: str
+    sha256: str
+
+
+class Artifacts(_Section):
+    aggregate_sha256: str = ""
+    files: list[ArtifactFile] = Field(default_factory=list)
+
+
+class RegistryEntry(_Section):
+    name: str
+    backend: str
+    display_name: str | None = None
+    backend_config: BackendConfig = Field(default_factory=BackendConfig)
+    served_model_id: str | None = None
+    model_aliases: list[str] = Field(default_factory=list)
+    capabilities: dict[str, bool] = Field(default_factory=dict)
+    chat_template: ChatTemplate = Field(default_factory=ChatTemplate)
+    generation_defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    quantization: str | None = None
+    family: str | None = None
+    download_path: str | None = None
+    download_format: str | None = None
+    download_size_bytes: int | None = None
+    download_files: list[str] = Field(default_factory=list)
+    version_lock: VersionLock = Field(default_factory=VersionLock)
+    artifacts: Artifacts = Field(default_factory=Artifacts)
+    roles: list[str] = Field(default_factory=list)
+    deprecated: bool = False
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name", "backend")
+    @classmethod
+    def _required_text(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_lower(cls, value: str) -> str:
+        return value.lower()
+
+    @field_validator("display_name", "served_model_id", "quantization", "family", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _clean_capabilities(cls, value: object) -> object:
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return clean_capabilities(value)
+        return value
+
+    @field_validator(
+        "backend_config", "chat_template", "generation_defaults", "version_lock", "artifacts",
+        mode="before",
+    )
+    @classmethod
+    def _null_section_is_default(cls, value: object) -> object:
+        return {} if value is None else value
+
+    @field_validator("model_aliases", "download_files", "roles", mode="before")
+    @classmethod
+    def _null_list_is_empty(cls, value: object) -> object:
+        return [] if value is None else value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _null_metadata_is_empty(cls, value: object) -> object:
+        return {} if value is None else value
+
+    # -- derived views -------------------------------------------------------------------------
+
+    @property
+    def served_id(self) -> str | None:
+        """The backend-native model id, if the entry has a real one.
+
+        Original registry files contain the literal string "None"; it means absent."""
+        value = self.served_model_id
+        if value is None or value.lower() in _ABSENT_IDS:
+            return None
+        return value
+
+    @property
+    def upstream_model_id(self) -> str:
+        """The `model` value a backend expects: the served id, else the logical name."""
+        return self.served_id or self.name
+
+    def capability(self, name: str) -> bool | None:
+        """True/False if the entry declares the capability (through any synonym), None if unknown."""
+        return capability_state(self.capabilities, name)
+
+    @property
+    def declared_capabilities(self) -> dict[str, bool]:
+        return canonical_capabilities(self.capabilities)
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as registry-file JSON: only fields that were given or changed."""
+        return self.model_dump(mode="json", exclude_unset=True)
