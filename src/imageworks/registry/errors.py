@@ -1,8 +1,8 @@
 """Registry errors.
 
-    RegistryError               a registry file cannot be read, parsed, locked or written
-    ├── EntryNotFound           no entry answers to a name (carries close matches)
-    └── AmbiguousName           several entries answer to a name (carries the candidates)
+RegistryError               a registry file cannot be read, parsed, locked or written
+├── EntryNotFound           no entry answers to a name (carries close matches)
+└── AmbiguousName           several entries answer to a name (carries the candidates)
 """
 
 from __future__ import annotations

@@ -48,9 +48,7 @@ def read_json_list(path: Path) -> list[Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RegistryError(
-            f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
-        ) from exc
+        raise RegistryError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
     if not isinstance(data, list):
         raise RegistryError(
             f"{path}: a registry file must hold a JSON list of entries, not {type(data).__name__}"

@@ -140,7 +140,11 @@ class RegistryEntry(_Section):
         return value
 
     @field_validator(
-        "backend_config", "chat_template", "generation_defaults", "version_lock", "artifacts",
+        "backend_config",
+        "chat_template",
+        "generation_defaults",
+        "version_lock",
+        "artifacts",
         mode="before",
     )
     @classmethod
@@ -175,7 +179,7 @@ class RegistryEntry(_Section):
         return self.served_id or self.name
 
     def capability(self, name: str) -> bool | None:
-        """True/False if the entry declares the capability (through any synonym), None if unknown."""
+        """True/False if the entry declares it (under any synonym), None if it says nothing."""
         return capability_state(self.capabilities, name)
 
     @property
