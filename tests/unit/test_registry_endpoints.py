@@ -19,12 +19,21 @@ def _entry(backend: str, **config: Any) -> RegistryEntry:
     [
         ("vllm", {}, "http://127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
         ("vllm", {"port": 24001}, "http://127.0.0.1:24001", "http://127.0.0.1:24001/v1"),
-        ("vllm", {"host": "gpu-box", "port": 9000}, "http://gpu-box:9000", "http://gpu-box:9000/v1"),
+        (
+            "vllm",
+            {"host": "gpu-box", "port": 9000},
+            "http://gpu-box:9000",
+            "http://gpu-box:9000/v1",
+        ),
         ("vllm", {"host": "https://gpu:8443"}, "https://gpu:8443", "https://gpu:8443/v1"),
         ("external", {"base_url": "http://lm:1234/v1/"}, "http://lm:1234", "http://lm:1234/v1"),
         ("ollama", {}, OLLAMA_HOST, OLLAMA_HOST + "/v1"),
-        ("ollama", {"host": "imageworks-ollama", "port": 11434},
-         "http://imageworks-ollama:11434", "http://imageworks-ollama:11434/v1"),
+        (
+            "ollama",
+            {"host": "imageworks-ollama", "port": 11434},
+            "http://imageworks-ollama:11434",
+            "http://imageworks-ollama:11434/v1",
+        ),
         # an Ollama base_url ending in /api must not become /api/api/... (original bug W8)
         ("ollama", {"base_url": "http://o:11434/api"}, "http://o:11434", "http://o:11434/v1"),
     ],

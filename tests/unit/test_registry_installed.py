@@ -59,8 +59,9 @@ def test_ollama_entries_are_installed_when_their_tag_is_listed(tmp_path: Path) -
         _entry("pulled", "ollama", served_model_id="qwen3:8b"),
         _entry("latest", "ollama", backend_config={"model_path": "ollama:/Phi4"}),
         _entry("absent", "ollama", served_model_id="llava:7b"),
-        _entry("elsewhere", "ollama", served_model_id="qwen3:8b",
-               backend_config={"host": "other-box"}),
+        _entry(
+            "elsewhere", "ollama", served_model_id="qwen3:8b", backend_config={"host": "other-box"}
+        ),
     ]
     source = FakeSource({OLLAMA: frozenset({"qwen3:8b", "phi4:latest"})})
     states = installed_states(entries, tmp_path, source, OLLAMA)
@@ -76,10 +77,18 @@ def test_ollama_entries_are_installed_when_their_tag_is_listed(tmp_path: Path) -
 
 def test_external_entries_ask_the_openai_models_list(tmp_path: Path) -> None:
     entries = [
-        _entry("remote", "external", served_model_id="big-model",
-               backend_config={"base_url": "http://cluster:8000/v1"}),
-        _entry("gone", "external", served_model_id="old-model",
-               backend_config={"base_url": "http://cluster:8000/v1"}),
+        _entry(
+            "remote",
+            "external",
+            served_model_id="big-model",
+            backend_config={"base_url": "http://cluster:8000/v1"},
+        ),
+        _entry(
+            "gone",
+            "external",
+            served_model_id="old-model",
+            backend_config={"base_url": "http://cluster:8000/v1"},
+        ),
     ]
     source = FakeSource({"http://cluster:8000/v1": frozenset({"big-model"})})
     states = installed_states(entries, tmp_path, source, OLLAMA)
@@ -93,7 +102,7 @@ def test_without_a_source_backend_served_entries_are_unknown(tmp_path: Path) -> 
 
 
 class _TagsHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         if self.path == "/api/tags":
             body = {"models": [{"name": "qwen3:8b", "model": "qwen3:8b"}]}
         elif self.path == "/v1/models":

@@ -129,7 +129,7 @@ def test_layer_that_is_not_a_list_is_an_error(registry_dir: Path) -> None:
 
 
 def test_empty_directory_is_an_error_naming_expected_files(registry_dir: Path) -> None:
-    with pytest.raises(RegistryError, match="model_registry.curated.json"):
+    with pytest.raises(RegistryError, match=r"model_registry\.curated\.json"):
         RegistryStore(registry_dir).load()
 
 
@@ -171,8 +171,12 @@ def test_update_goes_to_discovered_and_never_rewrites_curated(registry_dir: Path
     ]
     merged = read_json(registry_dir / "model_registry.json")
     assert merged == [
-        {"name": "a", "backend": "llamacpp", "metadata": {"keep": 1},
-         "version_lock": {"locked": True}}
+        {
+            "name": "a",
+            "backend": "llamacpp",
+            "metadata": {"keep": 1},
+            "version_lock": {"locked": True},
+        }
     ]
     assert store.load().get("a").version_lock.locked is True  # type: ignore[union-attr]
 
@@ -195,7 +199,8 @@ def test_update_in_single_file_mode_rewrites_that_file(registry_dir: Path) -> No
     store = RegistryStore(registry_dir)
     store.update_entry("b", {"deprecated": True})
     assert read_json(registry_dir / "model_registry.json") == [
-        entry("a"), entry("b", deprecated=True)
+        entry("a"),
+        entry("b", deprecated=True),
     ]
     assert not (registry_dir / "model_registry.discovered.json").exists()
 
