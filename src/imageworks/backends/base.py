@@ -1,0 +1,31 @@
+"""What the proxy needs from a backend: where to send a request, and a lease that keeps the
+backend ready while the request runs."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from imageworks.registry.schema import RegistryEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one request goes."""
+
+    base_url: str  # OpenAI base, ending in /v1
+    model: str  # the `model` value this backend expects
+    label: str  # how errors and logs name the backend, e.g. "llamacpp:smollm2_135m_(Q4_1)"
+
+
+class Backend(Protocol):
+    def lease(self, entry: RegistryEntry) -> AbstractAsyncContextManager[Target]:
+        """Make the entry's backend ready (start it if we manage it) and keep it so until the
+        context exits. Raises BackendNotReady when it cannot be made ready."""
+        ...
+
+
+class BackendNotReady(Exception):
+    """The entry's backend cannot serve it now: a start failed, its weights are missing, or the
+    backend kind is unknown. The message says which and why (the proxy answers 503)."""

@@ -1,0 +1,230 @@
+"""GpuSlot: the only code that decides which model holds the GPU.
+
+One managed model process at a time. Requests for the current holder run concurrently (a
+reference count). A request for another model queues; once the holder's requests have finished
+the slot stops it, starts the model at the head of the queue, and admits every request waiting
+for that model together. Later arrivals for the new holder wait behind requests for other models
+that queued earlier, so no model starves and two models cannot ping-pong request by request.
+
+The decisions are the pure function `decide`; the effects (start, stop) sit behind `SlotEffects`,
+so scheduling is testable without processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from imageworks.backends.base import BackendNotReady
+
+log = logging.getLogger("imageworks.backends.gpu")
+
+
+class Holder(Protocol):
+    def is_alive(self) -> bool: ...
+
+
+H = TypeVar("H", bound=Holder)
+
+
+class SlotEffects(Protocol[H]):
+    async def start(self, model: str) -> H:
+        """Start `model`; raise BackendNotReady with the reason if it cannot be started."""
+        ...
+
+    async def stop(self, holder: H) -> None: ...
+
+
+class Decision(enum.Enum):
+    ADMIT = "admit"  # run now on the current holder
+    SWAP = "swap"  # this request's task makes its model the holder
+    WAIT = "wait"
+
+
+@dataclass(eq=False)
+class Ticket:
+    model: str
+    seq: int
+    admitted: bool = False
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What `decide` looks at."""
+
+    holder: str | None
+    holder_alive: bool
+    swapping: bool
+    active: int
+    queue: Sequence[Ticket]  # waiting tickets in arrival order
+
+
+def decide(view: SlotView, ticket: Ticket) -> Decision:
+    if ticket.admitted:
+        return Decision.ADMIT
+    if view.swapping:
+        return Decision.WAIT
+    others_waiting = any(t.model != ticket.model for t in view.queue if t.seq < ticket.seq)
+    if view.holder == ticket.model and view.holder_alive and not others_waiting:
+        return Decision.ADMIT
+    if view.active == 0 and view.queue and view.queue[0] is ticket:
+        return Decision.SWAP
+    return Decision.WAIT
+
+
+@dataclass
+class SlotState(Generic[H]):
+    holder_model: str | None = None
+    holder: H | None = None
+    active: int = 0
+    swapping: bool = False
+    queue: list[Ticket] = field(default_factory=list)
+    last_error: str | None = None
+    swaps: int = 0
+
+
+class GpuSlot(Generic[H]):
+    def __init__(
+        self, effects: SlotEffects[H], *, on_swap: Callable[[str, float], None] | None = None
+    ) -> None:
+        self._effects = effects
+        self._on_swap = on_swap
+        self._state: SlotState[H] = SlotState()
+        self._changed = asyncio.Condition()
+        self._seq = itertools.count()
+        self._swap_task: asyncio.Task[None] | None = None
+
+    @property
+    def holder_model(self) -> str | None:
+        return self._state.holder_model
+
+    @property
+    def holder(self) -> H | None:
+        return self._state.holder
+
+    def status(self) -> dict[str, object]:
+        state = self._state
+        waiting: dict[str, int] = {}
+        for ticket in state.queue:
+            waiting[ticket.model] = waiting.get(ticket.model, 0) + 1
+        return {
+            "holder": state.holder_model,
+            "state": "swapping" if state.swapping else ("ready" if state.holder else "empty"),
+            "active_requests": state.active,
+            "waiting": waiting,
+            "swaps": state.swaps,
+            "last_error": state.last_error,
+        }
+
+    @asynccontextmanager
+    async def lease(self, model: str) -> AsyncIterator[H]:
+        """Hold `model` on the GPU for the duration of the block."""
+        holder = await self._acquire(model)
+        try:
+            yield holder
+        finally:
+            async with self._changed:
+                self._state.active -= 1
+                self._changed.notify_all()
+
+    def _view(self) -> SlotView:
+        state = self._state
+        alive = state.holder is not None and state.holder.is_alive()
+        return SlotView(state.holder_model, alive, state.swapping, state.active, state.queue)
+
+    async def _acquire(self, model: str) -> H:
+        state = self._state
+        ticket = Ticket(model, next(self._seq))
+        async with self._changed:
+            state.queue.append(ticket)
+            try:
+                while True:
+                    if ticket.error is not None:
+                        raise ticket.error
+                    decision = decide(self._view(), ticket)
+                    if decision is Decision.ADMIT and state.holder is not None:
+                        if not ticket.admitted:
+                            state.active += 1
+                        return state.holder
+                    if decision is Decision.SWAP:
+                        # A task of its own: if this request's client goes away, the others
+                        # waiting for the same model still get it.
+                        state.swapping = True
+                        self._swap_task = asyncio.create_task(self._swap(model))
+                    await self._changed.wait()
+            except BaseException:
+                if ticket.admitted:  # admitted by a swap, but cancelled before it woke up
+                    state.active -= 1
+                    self._changed.notify_all()
+                raise
+            finally:
+                state.queue.remove(ticket)
+
+    async def _swap(self, model: str) -> None:
+        state = self._state
+        began = time.monotonic()
+        try:
+            if state.holder is not None:
+                log.info("stopping %s to start %s", state.holder_model, model)
+                await self._effects.stop(state.holder)
+                state.holder, state.holder_model = None, None
+            holder = await self._effects.start(model)
+        except BackendNotReady as exc:
+            await self._settle(model, error=exc)
+            return
+        except Exception as exc:  # an effect bug must not leave waiters hanging forever
+            log.exception("starting %s failed", model)
+            await self._settle(model, error=BackendNotReady(f"{model}: start failed: {exc}"))
+            return
+        duration = time.monotonic() - began
+        await self._settle(model, holder=holder)
+        log.info("%s is ready (swap took %.1fs)", model, duration)
+        if self._on_swap is not None:
+            self._on_swap(model, duration)
+
+    async def _settle(
+        self, model: str, *, holder: H | None = None, error: BackendNotReady | None = None
+    ) -> None:
+        """End a swap: admit every request waiting for `model`, or fail them all."""
+        async with self._changed:
+            state = self._state
+            state.swapping = False
+            state.holder, state.holder_model = holder, (model if holder is not None else None)
+            if holder is not None:
+                state.swaps += 1
+                state.last_error = None
+            elif error is not None:
+                state.last_error = str(error)
+            for waiting in state.queue:
+                if waiting.model != model:
+                    continue
+                if holder is not None:
+                    waiting.admitted = True
+                    state.active += 1
+                else:
+                    waiting.error = error
+            self._changed.notify_all()
+
+    async def release(self) -> None:
+        """Stop the holder once its requests have finished (admin stop, shutdown)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._state.active == 0 and not self._state.swapping)
+            holder = self._state.holder
+            self._state.holder, self._state.holder_model = None, None
+            self._state.swapping = holder is not None
+        if holder is None:
+            return
+        try:
+            await self._effects.stop(holder)
+        finally:
+            async with self._changed:
+                self._state.swapping = False
+                self._changed.notify_all()

@@ -1,0 +1,100 @@
+"""`create_app(settings)` builds the proxy; `imageworks-chat-proxy` runs it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
+from imageworks.chat_proxy.protocol import ProxyError, error_body
+from imageworks.chat_proxy.routes import router
+from imageworks.chat_proxy.services import running_services
+from imageworks.config import RegistrySettings
+from imageworks.registry.errors import RegistryError
+from imageworks.registry.store import RegistryStore
+
+log = logging.getLogger("imageworks.chat_proxy")
+
+
+def create_app(settings: ProxySettings, registry: RegistrySettings | None = None) -> FastAPI:
+    registry_settings = registry or RegistrySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with running_services(settings, registry_settings) as services:
+            app.state.services = services
+            yield
+
+    app = FastAPI(
+        title="ImageWorks Chat Proxy",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.include_router(router)
+
+    @app.exception_handler(ProxyError)
+    async def proxy_error(_: Request, exc: ProxyError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = error_body(str(exc.detail), type_, code=str(exc.status_code))
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+        body = error_body(f"The model registry cannot be read: {exc}", "server_error")
+        return JSONResponse(body, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client error: log it fully, answer in the OpenAI shape all the same.
+        log.error("unhandled error", exc_info=exc)
+        body = error_body(f"Internal proxy error: {type(exc).__name__}", "server_error")
+        return JSONResponse(body, status_code=500)
+
+    return app
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+        registry = RegistrySettings()
+    except SettingsError as exc:
+        print(f"imageworks-chat-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        variable = "IMAGEWORKS_" + "_".join(str(p) for p in problem["loc"]).upper()
+        print(f"imageworks-chat-proxy: configuration error: {variable}: {problem['msg']}",
+              file=sys.stderr)
+        return 2
+    if not settings.host.startswith("127.") and settings.host not in ("localhost", "::1"):
+        log.warning("listening on %s without authentication: keep it on a trusted network",
+                    settings.host)
+    try:  # a registry that cannot be read is one clear line, not a lifespan traceback
+        RegistryStore(registry.registry_dir).load()
+    except RegistryError as exc:
+        print(f"imageworks-chat-proxy: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(
+        create_app(settings, registry),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=int(settings.vllm_stop_timeout_s) + 15,
+    )
+    return 0

@@ -1,0 +1,159 @@
+"""The model catalog: `/v1/models` and name resolution, answered from memory.
+
+The registry is re-checked off the event loop at most once a second (a few `stat` calls when
+nothing changed). Whether backend-served entries (Ollama tags, external URLs) are installed is
+asked in the background every `installed_refresh_s`, so a dead backend never slows a listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from imageworks.chat_proxy.config import ProxySettings
+from imageworks.chat_proxy.protocol import InvalidRequest, ModelNotFound
+from imageworks.registry.errors import AmbiguousName, EntryNotFound, RegistryError
+from imageworks.registry.installed import Installed, ServedModelsSource, installed_states
+from imageworks.registry.naming import NameIndex, display_name
+from imageworks.registry.schema import RegistryEntry
+from imageworks.registry.store import RegistrySnapshot, RegistryStore
+
+log = logging.getLogger("imageworks.chat_proxy.catalog")
+
+RECHECK_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    """One consistent picture: the registry, its name index, and the models list to serve."""
+
+    snapshot: RegistrySnapshot
+    index: NameIndex  # every entry that is not deprecated
+    listing: bytes  # the /v1/models response body
+    listed: int
+
+
+class Catalog:
+    def __init__(
+        self,
+        store: RegistryStore,
+        settings: ProxySettings,
+        *,
+        ollama_host: str,
+        served_source: ServedModelsSource | None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._ollama_host = ollama_host
+        self._source = served_source
+        self._served_states: dict[str, Installed] = {}
+        self._view: CatalogView | None = None
+        self._checked_at = float("-inf")
+        self._refresh_lock = asyncio.Lock()
+
+    async def view(self) -> CatalogView:
+        """The current view; the registry is re-checked (in a thread) at most once a second."""
+        if self._view is not None and time.monotonic() - self._checked_at < RECHECK_INTERVAL_S:
+            return self._view
+        async with self._refresh_lock:
+            if self._view is None or time.monotonic() - self._checked_at >= RECHECK_INTERVAL_S:
+                self._view = await asyncio.to_thread(self._build_view, self._view)
+                self._checked_at = time.monotonic()
+        return self._view
+
+    def entry_count(self) -> int | None:
+        """Entries in the last view, without touching the disk (None before the first load)."""
+        return len(self._view.snapshot) if self._view else None
+
+    def entry(self, name: str) -> RegistryEntry | None:
+        """An entry by logical name from the latest view (for launching managed models)."""
+        return self._view.snapshot.get(name) if self._view else None
+
+    def resolve(self, view: CatalogView, requested: str) -> RegistryEntry:
+        try:
+            return view.index.resolve(requested)
+        except AmbiguousName as exc:
+            raise InvalidRequest(str(exc), param="model", code="ambiguous_model") from exc
+        except EntryNotFound as exc:
+            raise ModelNotFound(requested, exc.suggestions) from exc
+
+    async def keep_installed_states_fresh(self) -> None:
+        """Background task: ask backends which of their models exist, forever."""
+        while True:
+            try:
+                view = await self.view()
+                states = await asyncio.to_thread(
+                    installed_states,
+                    view.snapshot.entries,
+                    view.snapshot.directory,
+                    self._source,
+                    self._ollama_host,
+                )
+                self._served_states = states
+                self._checked_at = float("-inf")  # rebuild the listing with the new answers
+            except RegistryError as exc:
+                log.warning("registry unavailable: %s", exc)
+            await asyncio.sleep(self._settings.installed_refresh_s)
+
+    # -- runs in a worker thread ---------------------------------------------------------------
+
+    def _build_view(self, previous: CatalogView | None) -> CatalogView:
+        try:
+            snapshot = self._store.load()
+        except RegistryError as exc:
+            if previous is None:
+                raise
+            log.warning("keeping the last good registry: %s", exc)
+            snapshot = previous.snapshot
+        served = [entry for entry in snapshot.entries if not entry.deprecated]
+        index = previous.index if previous and previous.snapshot is snapshot else NameIndex(served)
+        local = installed_states(served, snapshot.directory, None, self._ollama_host)
+        states = {
+            name: self._served_states.get(name, state) if state is Installed.UNKNOWN else state
+            for name, state in local.items()
+        }
+        items = [
+            self._model_item(entry, index, states[entry.name])
+            for entry in index.entries
+            if self._settings.include_non_installed or states[entry.name] is Installed.YES
+        ]
+        listing = json.dumps({"object": "list", "data": items}, ensure_ascii=False).encode()
+        return CatalogView(snapshot, index, listing, len(items))
+
+    def _model_item(
+        self, entry: RegistryEntry, index: NameIndex, installed: Installed
+    ) -> dict[str, Any]:
+        shown = display_name(entry)
+        model_id = shown if _resolves_to(index, shown, entry) else entry.name
+        decorated = not self._settings.suppress_decorations
+        capabilities = entry.declared_capabilities
+        modalities = ["text"] + (["vision"] if capabilities.get("vision") else [])
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "imageworks",
+            "extensions": {
+                "logical_id": entry.name,
+                "display_name": shown,
+                "capabilities": capabilities,
+                "modalities": modalities,
+                "installed": installed.value,
+                "backend": entry.backend if decorated else None,
+                "format": entry.download_format if decorated else None,
+                "quantization": entry.quantization if decorated else None,
+                "schema_version": self._settings.schema_version,
+            },
+        }
+
+
+def _resolves_to(index: NameIndex, name: str, entry: RegistryEntry) -> bool:
+    """True if a client asking for `name` gets `entry`: only such names may be listed as ids."""
+    try:
+        return index.resolve(name) is entry
+    except (AmbiguousName, EntryNotFound):
+        return False

@@ -1,0 +1,254 @@
+"""One chat completion, from request bytes to response: resolve the model, lease its backend,
+forward, and record the outcome (success, error or cancellation) exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import anyio
+from starlette.responses import JSONResponse, Response
+
+from imageworks.backends.base import BackendNotReady, Target
+from imageworks.backends.router import BackendRouter
+from imageworks.chat_proxy.catalog import Catalog
+from imageworks.chat_proxy.forwarding import Forwarder, UpstreamStream
+from imageworks.chat_proxy.observe import Metrics, RequestLog, RequestRecord
+from imageworks.chat_proxy.protocol import (
+    SSE_DONE,
+    BackendUnavailable,
+    ProxyError,
+    parse_chat_request,
+    sse_error,
+)
+from imageworks.chat_proxy.sse import EventStreamResponse
+from imageworks.registry.errors import RegistryError
+from imageworks.registry.schema import RegistryEntry
+
+_DONE_EVENTS = (b"data: [DONE]", b"data:[DONE]")
+
+# Status recorded for a request whose client left before the answer (nginx's convention).
+CLIENT_CLOSED = 499
+
+Outcome = Literal["ok", "error", "cancelled"]
+
+
+@dataclass
+class Exchange:
+    """What we learn about one request as it goes, for the log line and the metrics."""
+
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    model_requested: str | None = None
+    entry: RegistryEntry | None = None
+    stream: bool = False
+    first_token: float | None = None
+    usage: dict[str, Any] | None = None
+    prompt: Any = None
+    response_text: list[str] = field(default_factory=list)
+
+    def record(
+        self, status: int, outcome: Outcome, error: str | None, log_prompts: bool
+    ) -> RequestRecord:
+        now = time.perf_counter()
+        usage = self.usage or {}
+        return RequestRecord(
+            request_id=self.request_id,
+            started_at=self.started_at,
+            model_requested=self.model_requested,
+            model_resolved=self.entry.name if self.entry else None,
+            backend=self.entry.backend if self.entry else None,
+            stream=self.stream,
+            status=status,
+            outcome=outcome,
+            latency_ms=(now - self.started) * 1000,
+            ttft_ms=(self.first_token - self.started) * 1000 if self.first_token else None,
+            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
+            completion_tokens=_int_or_none(usage.get("completion_tokens")),
+            total_tokens=_int_or_none(usage.get("total_tokens")),
+            error=error,
+            prompt=self.prompt if log_prompts else None,
+            response="".join(self.response_text) if log_prompts else None,
+        )
+
+
+class ChatService:
+    def __init__(
+        self,
+        catalog: Catalog,
+        router: BackendRouter,
+        forwarder: Forwarder,
+        request_log: RequestLog,
+        metrics: Metrics,
+        *,
+        log_prompts: bool,
+    ) -> None:
+        self._catalog = catalog
+        self._router = router
+        self._forwarder = forwarder
+        self._log = request_log
+        self._metrics = metrics
+        self._log_prompts = log_prompts
+
+    async def handle(
+        self, raw_body: bytes, client_gone: Callable[[], Awaitable[None]]
+    ) -> Response:
+        exchange = Exchange()
+        try:
+            body = parse_chat_request(raw_body)
+            exchange.model_requested = body["model"]
+            exchange.stream = bool(body.get("stream"))
+            exchange.prompt = body.get("messages")
+            try:
+                view = await self._catalog.view()
+            except RegistryError as exc:
+                raise BackendUnavailable(f"The model registry cannot be read: {exc}") from exc
+            exchange.entry = self._catalog.resolve(view, body["model"])
+            self._metrics.request_started(exchange.entry.name)
+            opened = await _unless_client_leaves(
+                self._open(exchange.entry, body, exchange.stream), client_gone
+            )
+        except ProxyError as error:
+            self._finish(exchange, error.status, "error", error.message)
+            return JSONResponse(error.body(), status_code=error.status)
+        except _ClientLeft:
+            self._finish(exchange, CLIENT_CLOSED, "cancelled", "client disconnected")
+            return Response(status_code=CLIENT_CLOSED)
+
+        if isinstance(opened, _OpenStream):
+            return EventStreamResponse(self._relay(exchange, opened))
+        exchange.usage = _usage(opened.parsed)
+        if self._log_prompts:
+            exchange.response_text.append(json.dumps(opened.parsed.get("choices")))
+        self._finish(exchange, opened.status, "ok", None)
+        return Response(opened.content, status_code=opened.status, media_type="application/json")
+
+    async def _open(
+        self, entry: RegistryEntry, body: dict[str, Any], stream: bool
+    ) -> _Completed | _OpenStream:
+        """Lease the backend and send the request: the whole answer, or an open stream that
+        keeps the lease until it ends."""
+        stack = AsyncExitStack()
+        try:
+            backend = self._router.backend_for(entry)
+            target: Target = await stack.enter_async_context(backend.lease(entry))
+            if not stream:
+                completion = await self._forwarder.complete(target, body)
+                return _Completed(completion.status, completion.content, completion.parsed)
+            upstream = await self._forwarder.open_stream(target, body)
+            stack.push_async_callback(upstream.aclose)
+            return _OpenStream(upstream, stack.pop_all())
+        except BackendNotReady as exc:
+            raise BackendUnavailable(str(exc), code="backend_not_ready") from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+
+    async def _relay(self, exchange: Exchange, opened: _OpenStream) -> AsyncGenerator[bytes, None]:
+        """Pass the backend's events through one by one; end with [DONE] whatever happens."""
+        outcome: Outcome = "cancelled"
+        status = CLIENT_CLOSED
+        error: str | None = "client disconnected"
+        try:
+            saw_done = False
+            async for event in opened.upstream.events():
+                if event.strip() in _DONE_EVENTS:
+                    saw_done = True
+                elif exchange.first_token is None or b'"usage"' in event or self._log_prompts:
+                    self._observe_event(exchange, event)
+                yield event
+            if not saw_done:
+                yield SSE_DONE
+            outcome, status, error = "ok", 200, None
+        except ProxyError as failure:
+            outcome, status, error = "error", failure.status, failure.message
+            yield sse_error(failure)
+            yield SSE_DONE
+        finally:
+            with anyio.CancelScope(shield=True):
+                await opened.stack.aclose()
+            self._finish(exchange, status, outcome, error)
+
+    def _observe_event(self, exchange: Exchange, event: bytes) -> None:
+        """Read an event for bookkeeping only; what the client gets is the original bytes."""
+        data = event.strip()
+        if not data.startswith(b"data:"):
+            return
+        try:
+            chunk = json.loads(data[5:])
+        except ValueError:
+            return
+        if not isinstance(chunk, dict):
+            return
+        if chunk.get("usage"):
+            exchange.usage = _usage(chunk)
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            content = delta.get("content")
+            if (content or delta.get("tool_calls")) and exchange.first_token is None:
+                exchange.first_token = time.perf_counter()
+            if self._log_prompts and isinstance(content, str):
+                exchange.response_text.append(content)
+
+    def _finish(self, exchange: Exchange, status: int, outcome: Outcome, error: str | None) -> None:
+        record = exchange.record(status, outcome, error, self._log_prompts)
+        self._log.write(record)
+        self._metrics.request_finished(record)
+
+
+@dataclass(frozen=True, slots=True)
+class _Completed:
+    status: int
+    content: bytes
+    parsed: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _OpenStream:
+    upstream: UpstreamStream
+    stack: AsyncExitStack  # holds the lease and the upstream response
+
+
+class _ClientLeft(Exception):
+    pass
+
+
+T = TypeVar("T")
+
+
+async def _unless_client_leaves(
+    work: Awaitable[T], client_gone: Callable[[], Awaitable[None]]
+) -> T:
+    """Run `work`; if the client disconnects first, cancel it (and the upstream request with
+    it) and raise _ClientLeft."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise _ClientLeft
+
+
+def _usage(body: dict[str, Any]) -> dict[str, Any] | None:
+    usage = body.get("usage")
+    return usage if isinstance(usage, dict) else None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -1,0 +1,109 @@
+"""ProxySettings: every `CHAT_PROXY_*` variable, read once at start-up and passed in.
+
+Defaults are exactly those of the user's runbook table. No other module of the proxy reads the
+environment; they all receive a ProxySettings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CHAT_PROXY_"
+
+
+class ProxySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # -- server ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=0, le=65535)
+    loopback_alias: str | None = None  # e.g. host.docker.internal
+
+    # -- /v1/models ------------------------------------------------------------------------------
+    suppress_decorations: bool = True
+    include_non_installed: bool = False
+    schema_version: int = 1
+    # How often backend-served entries (Ollama tags, external URLs) are re-checked in the
+    # background, so the listing itself never waits on a backend.
+    installed_refresh_s: float = Field(default=30.0, gt=0)
+
+    # -- requests --------------------------------------------------------------------------------
+    require_template: bool = True
+    max_image_bytes: int = Field(default=6_000_000, gt=0)
+    backend_timeout_ms: int = Field(default=120_000, gt=0)
+    stream_idle_timeout_ms: int = Field(default=60_000, gt=0)
+    disable_tool_normalization: bool = False
+    vision_truncate_history: bool = True
+    vision_keep_system: bool = True
+    vision_keep_last_n_turns: int = Field(default=0, ge=0)
+
+    # -- observability ---------------------------------------------------------------------------
+    enable_metrics: bool = False
+    metrics_window_s: float = Field(default=300.0, gt=0)
+    log_path: Path = Path("logs/chat_proxy.jsonl")
+    max_log_bytes: int = Field(default=25_000_000, gt=0)
+    log_keep_files: int = Field(default=5, ge=1)
+    log_prompts: bool = False
+
+    # -- autostart (external backends) ------------------------------------------------------------
+    autostart_enabled: bool = False
+    autostart_map: Annotated[dict[str, list[str] | str], NoDecode] = Field(default_factory=dict)
+    autostart_grace_period_s: float = Field(default=120.0, ge=0)
+
+    # -- the managed model process (vLLM / llama.cpp) ---------------------------------------------
+    vllm_single_port: bool = True
+    vllm_port: int = Field(default=24001, ge=1, le=65535)
+    vllm_state_path: Path = Path("_staging/active_vllm.json")
+    vllm_start_timeout_s: float = Field(default=180.0, gt=0)
+    vllm_stop_timeout_s: float = Field(default=30.0, ge=0)
+    vllm_health_timeout_s: float = Field(default=120.0, gt=0)
+    vllm_gpu_memory_utilization: float = Field(default=0.75, gt=0, le=1)
+    vllm_max_model_len: int | None = Field(default=None, gt=0)
+    backend_log_dir: Path = Path("logs")
+
+    @field_validator("loopback_alias", "vllm_max_model_len", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("autostart_map", mode="before")
+    @classmethod
+    def _parse_autostart_map(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                parsed: Any = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
+            return parsed
+        return value
+
+    @property
+    def backend_timeout_s(self) -> float:
+        return self.backend_timeout_ms / 1000
+
+    @property
+    def stream_idle_timeout_s(self) -> float:
+        return self.stream_idle_timeout_ms / 1000
+
+
+class SettingsError(Exception):
+    """A `CHAT_PROXY_*` variable has a value we cannot use; the message names it."""
+
+
+def load_settings(**overrides: Any) -> ProxySettings:
+    """Read the environment once; a bad value becomes one line naming the variable."""
+    try:
+        return ProxySettings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"][:1])
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
+        raise SettingsError("; ".join(problems)) from exc

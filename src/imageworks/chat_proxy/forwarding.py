@@ -1,0 +1,167 @@
+"""Talking to the backend: one pooled HTTP client, SSE events passed through as received.
+
+Every httpx error is translated into a `ProxyError` here and nowhere else. Streams are read as
+raw bytes and cut only at event boundaries, so an event reaches the client the moment it is
+complete, byte for byte as the backend sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from imageworks.backends.base import Target
+from imageworks.chat_proxy.protocol import (
+    BackendTimeout,
+    BackendUnavailable,
+    BadGateway,
+    ProxyError,
+    upstream_error,
+)
+
+_HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+
+
+def new_client() -> httpx.AsyncClient:
+    """The process-wide client. Timeouts are set per request: a stream's read timeout is its
+    idle timeout, a plain call's is the backend timeout."""
+    return httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        headers=_HEADERS,
+        trust_env=False,  # a proxy variable must not reroute loopback model traffic
+    )
+
+
+def translate(exc: httpx.HTTPError, target: Target) -> ProxyError:
+    """The one place where transport errors become client-facing errors."""
+    where = f"backend {target.label} at {target.base_url}"
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return BackendUnavailable(f"Cannot reach {where}: {exc}", code="backend_unreachable")
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendTimeout(f"No answer from {where} in time.", code="backend_timeout")
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return BadGateway(
+            f"The {where} closed the connection unexpectedly.", code="upstream_disconnected"
+        )
+    return BadGateway(f"Request to {where} failed: {exc}", code="upstream_error")
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A non-streaming answer: the backend's bytes, and its parsed JSON for bookkeeping."""
+
+    status: int
+    content: bytes
+    parsed: dict[str, Any]
+
+
+class Forwarder:
+    def __init__(
+        self, client: httpx.AsyncClient, backend_timeout_s: float, stream_idle_timeout_s: float
+    ) -> None:
+        self._client = client
+        self._backend_timeout_s = backend_timeout_s
+        self._idle_timeout_s = stream_idle_timeout_s
+
+    def _request(self, target: Target, body: dict[str, Any], read_timeout: float) -> httpx.Request:
+        payload = {**body, "model": target.model}
+        return self._client.build_request(
+            "POST",
+            f"{target.base_url}/chat/completions",
+            content=json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
+            timeout=httpx.Timeout(self._backend_timeout_s, read=read_timeout),
+        )
+
+    async def complete(self, target: Target, body: dict[str, Any]) -> Completion:
+        """POST and wait for the whole answer, within the backend timeout."""
+        request = self._request(target, body, self._backend_timeout_s)
+        try:
+            async with asyncio.timeout(self._backend_timeout_s):
+                response = await self._client.send(request)
+        except TimeoutError:
+            raise BackendTimeout(
+                f"Backend {target.label} did not answer within {self._backend_timeout_s:g}s.",
+                code="backend_timeout",
+            ) from None
+        except httpx.HTTPError as exc:
+            raise translate(exc, target) from exc
+        if response.status_code >= 400:
+            raise upstream_error(response.status_code, response.content, target.label)
+        try:
+            parsed = json.loads(response.content)
+        except (ValueError, UnicodeDecodeError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise BadGateway(
+                f"Backend {target.label} answered with a body that is not a JSON object.",
+                code="bad_upstream_response",
+            )
+        return Completion(response.status_code, response.content, parsed)
+
+    async def open_stream(self, target: Target, body: dict[str, Any]) -> UpstreamStream:
+        """Send a streaming request and wait for the backend's headers (errors come before
+        the client sees anything, so they keep their HTTP status)."""
+        request = self._request(target, body, self._idle_timeout_s)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise translate(exc, target) from exc
+        if response.status_code >= 400:
+            try:
+                content = await response.aread()
+            except httpx.HTTPError as exc:
+                raise translate(exc, target) from exc
+            finally:
+                await response.aclose()
+            raise upstream_error(response.status_code, content, target.label)
+        return UpstreamStream(response, target, self._idle_timeout_s)
+
+
+class UpstreamStream:
+    """An open streaming response. Iterate `events()`; always `aclose()` (a finally does)."""
+
+    def __init__(self, response: httpx.Response, target: Target, idle_timeout_s: float) -> None:
+        self._response = response
+        self._target = target
+        self._idle_timeout_s = idle_timeout_s
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Each complete SSE event (separator included), as the backend's bytes."""
+        buffer = b""
+        try:
+            async for chunk in self._response.aiter_raw():
+                buffer += chunk
+                while True:
+                    cut = _event_end(buffer)
+                    if cut < 0:
+                        break
+                    yield buffer[:cut]
+                    buffer = buffer[cut:]
+        except httpx.ReadTimeout:
+            raise BackendTimeout(
+                f"Backend {self._target.label} sent nothing for {self._idle_timeout_s:g}s; "
+                "the stream was ended.",
+                code="stream_idle_timeout",
+            ) from None
+        except httpx.HTTPError as exc:
+            raise translate(exc, self._target) from exc
+        if buffer.strip():  # a last event without its blank line still counts
+            yield buffer + b"\n\n"
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+def _event_end(buffer: bytes) -> int:
+    """Index just past the first event separator in `buffer`, or -1."""
+    ends = [(index, len(sep)) for sep in _EVENT_ENDS if (index := buffer.find(sep)) >= 0]
+    if not ends:
+        return -1
+    index, length = min(ends)
+    return index + length

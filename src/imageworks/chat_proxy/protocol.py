@@ -1,0 +1,159 @@
+"""The OpenAI wire protocol as the proxy speaks it: request checks, error envelopes, SSE framing.
+
+Errors (one handler in `app.py` renders them as `{"error": {message, type, param, code}}`):
+
+    ProxyError                      status, type, message, param, code
+    ├── InvalidRequest      400     malformed JSON or a body that is not a chat request
+    ├── ModelNotFound       404     no registry entry answers to `model` (lists close names)
+    ├── NotFoundError       404     an endpoint that is switched off
+    ├── BackendUnavailable  503     the backend cannot be reached or started (names it)
+    ├── BadGateway          502     the backend answered with something that is not OpenAI
+    ├── BackendTimeout      504     the backend said nothing within the configured time
+    └── UpstreamError       4xx/5xx the backend's own error, passed through with its status
+
+This module imports no web framework, HTTP client or process code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ProxyError(Exception):
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, model: str, suggestions: list[str]) -> None:
+        hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
+        super().__init__(
+            f"The model {model!r} does not exist.{hint} GET /v1/models lists the models.",
+            param="model",
+            code="model_not_found",
+        )
+        self.suggestions = suggestions
+
+
+class NotFoundError(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class BackendUnavailable(ProxyError):
+    status = 503
+    type = "backend_error"
+
+
+class BadGateway(ProxyError):
+    status = 502
+    type = "backend_error"
+
+
+class BackendTimeout(ProxyError):
+    status = 504
+    type = "backend_error"
+
+
+class UpstreamError(ProxyError):
+    """An error the backend itself returned; its status and body reach the client unchanged."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        error = body["error"]
+        super().__init__(str(error.get("message", "")), param=error.get("param"))
+        self.status = status
+        self.type = str(error.get("type") or "upstream_error")
+        self._body = body
+
+    def body(self) -> dict[str, Any]:
+        return self._body
+
+
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def upstream_error(status: int, content: bytes, backend: str) -> ProxyError:
+    """Translate a backend's error response, keeping its status and, if it has one, its
+    OpenAI error object (a context-length error must reach the client as the backend said it)."""
+    try:
+        parsed: Any = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and "message" in error:
+            full = {"message", "type", "param", "code"}
+            return UpstreamError(status, {"error": {**dict.fromkeys(full), **error}})
+        if isinstance(error, str):  # llama.cpp and Ollama sometimes send {"error": "text"}
+            return UpstreamError(status, error_body(error, "upstream_error"))
+        detail = parsed.get("detail")
+        if isinstance(detail, str):  # FastAPI-based servers
+            return UpstreamError(status, error_body(detail, "upstream_error"))
+    text = content[:300].decode("utf-8", "replace").strip()
+    message = f"backend {backend} answered HTTP {status}" + (f": {text}" if text else "")
+    if status >= 500:
+        return BadGateway(message, code="upstream_error")
+    return UpstreamError(status, error_body(message, "upstream_error"))
+
+
+def sse_event(data: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_error(error: ProxyError) -> bytes:
+    """The event that ends a stream that already sent its headers (then `SSE_DONE`)."""
+    return sse_event(error.body())
+
+
+def parse_chat_request(raw: bytes) -> dict[str, Any]:
+    """The request body as a dict, with the fields the proxy relies on checked.
+
+    Only what the proxy needs is checked; everything else is the backend's to judge, and every
+    field (known or not) is forwarded."""
+    try:
+        body: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json")
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"messages[{position}] must be an object with a string 'role'.",
+                param=f"messages[{position}]",
+            )
+    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
+        raise InvalidRequest("'stream' must be a boolean.", param="stream")
+    return body
