@@ -213,10 +213,13 @@ class GpuSlot(Generic[H]):
                     waiting.error = error
             self._changed.notify_all()
 
+    def _idle(self) -> bool:
+        return self._state.active == 0 and not self._state.swapping
+
     async def release(self) -> None:
         """Stop the holder once its requests have finished (admin stop, shutdown)."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self._state.active == 0 and not self._state.swapping)
+            await self._changed.wait_for(self._idle)
             holder = self._state.holder
             self._state.holder, self._state.holder_model = None, None
             self._state.swapping = holder is not None

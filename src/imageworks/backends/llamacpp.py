@@ -53,7 +53,7 @@ def llamacpp_argv(
 
 
 def log_file_name(entry: RegistryEntry) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", entry.name).strip("_") + ".log"
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", entry.name).strip("_") + ".log"
 
 
 def llamacpp_launch(

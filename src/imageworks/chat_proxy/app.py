@@ -69,7 +69,9 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         settings = load_settings()
         registry = RegistrySettings()
@@ -79,12 +81,15 @@ def main() -> int:
     except ValidationError as exc:
         problem = exc.errors()[0]
         variable = "IMAGEWORKS_" + "_".join(str(p) for p in problem["loc"]).upper()
-        print(f"imageworks-chat-proxy: configuration error: {variable}: {problem['msg']}",
-              file=sys.stderr)
+        print(
+            f"imageworks-chat-proxy: configuration error: {variable}: {problem['msg']}",
+            file=sys.stderr,
+        )
         return 2
     if not settings.host.startswith("127.") and settings.host not in ("localhost", "::1"):
-        log.warning("listening on %s without authentication: keep it on a trusted network",
-                    settings.host)
+        log.warning(
+            "listening on %s without authentication: keep it on a trusted network", settings.host
+        )
     try:  # a registry that cannot be read is one clear line, not a lifespan traceback
         RegistryStore(registry.registry_dir).load()
     except RegistryError as exc:

@@ -98,9 +98,7 @@ class ChatService:
         self._metrics = metrics
         self._log_prompts = log_prompts
 
-    async def handle(
-        self, raw_body: bytes, client_gone: Callable[[], Awaitable[None]]
-    ) -> Response:
+    async def handle(self, raw_body: bytes, client_gone: Callable[[], Awaitable[None]]) -> Response:
         exchange = Exchange()
         try:
             body = parse_chat_request(raw_body)

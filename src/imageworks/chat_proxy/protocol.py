@@ -21,15 +21,14 @@ from collections.abc import Mapping
 from typing import Any
 
 SSE_DONE = b"data: [DONE]\n\n"
+_ERROR_FIELDS = ("message", "type", "param", "code")
 
 
 class ProxyError(Exception):
     status: int = 500
     type: str = "server_error"
 
-    def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -99,27 +98,38 @@ def error_body(
 
 
 def upstream_error(status: int, content: bytes, backend: str) -> ProxyError:
-    """Translate a backend's error response, keeping its status and, if it has one, its
-    OpenAI error object (a context-length error must reach the client as the backend said it)."""
+    """Translate a backend's error response. A 4xx keeps its status and, if it has one, its
+    OpenAI error object (a context-length error must reach the client as the backend said it);
+    a 5xx is the backend failing, so it becomes a 502 that quotes what the backend said."""
     try:
         parsed: Any = json.loads(content)
     except (ValueError, UnicodeDecodeError):
         parsed = None
-    if isinstance(parsed, dict):
-        error = parsed.get("error")
-        if isinstance(error, dict) and "message" in error:
-            full = {"message", "type", "param", "code"}
-            return UpstreamError(status, {"error": {**dict.fromkeys(full), **error}})
-        if isinstance(error, str):  # llama.cpp and Ollama sometimes send {"error": "text"}
-            return UpstreamError(status, error_body(error, "upstream_error"))
-        detail = parsed.get("detail")
-        if isinstance(detail, str):  # FastAPI-based servers
-            return UpstreamError(status, error_body(detail, "upstream_error"))
-    text = content[:300].decode("utf-8", "replace").strip()
-    message = f"backend {backend} answered HTTP {status}" + (f": {text}" if text else "")
+    said = _error_message(parsed) or content[:300].decode("utf-8", "replace").strip()
     if status >= 500:
-        return BadGateway(message, code="upstream_error")
+        return BadGateway(
+            f"backend {backend} failed with HTTP {status}" + (f": {said}" if said else ""),
+            code="upstream_error",
+        )
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict) and "message" in error:
+        return UpstreamError(status, {"error": {**dict.fromkeys(_ERROR_FIELDS), **error}})
+    message = said or f"backend {backend} answered HTTP {status}"
     return UpstreamError(status, error_body(message, "upstream_error"))
+
+
+def _error_message(parsed: Any) -> str | None:
+    """The message in the error shapes backends use: OpenAI's `{"error": {"message"}}`,
+    llama.cpp's and Ollama's `{"error": "text"}`, FastAPI's `{"detail": "text"}`."""
+    if not isinstance(parsed, dict):
+        return None
+    error = parsed.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    for value in (error, parsed.get("detail"), parsed.get("message")):
+        if isinstance(value, str):
+            return value
+    return None
 
 
 def sse_event(data: Mapping[str, Any]) -> bytes:
@@ -139,7 +149,9 @@ def parse_chat_request(raw: bytes) -> dict[str, Any]:
     try:
         body: Any = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json")
+        raise InvalidRequest(
+            f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     model = body.get("model")

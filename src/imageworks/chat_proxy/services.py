@@ -108,7 +108,7 @@ async def _stop_managed_model(slot: GpuSlot[ManagedProcess], stop_timeout_s: flo
     """The model process we started must not outlive us (bounded: SIGKILL as a last resort)."""
     holder = slot.holder
     try:
-        await asyncio.wait_for(slot.release(), timeout=stop_timeout_s + 10)
+        await asyncio.wait_for(slot.release(), timeout=stop_timeout_s + 20)
     except TimeoutError:
         if holder is not None:
             log.warning("model process did not stop in time; killing it")

@@ -30,7 +30,7 @@ class EventStreamResponse(Response):
         self.background = None
         self.body = b""
         self._events = events
-        self._headers = SSE_HEADERS + (headers or [])
+        self._sse_headers = SSE_HEADERS + (headers or [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
@@ -46,7 +46,7 @@ class EventStreamResponse(Response):
             await self._events.aclose()
 
     async def _pump(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        await send({"type": "http.response.start", "status": 200, "headers": self._sse_headers})
         async for event in self._events:
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

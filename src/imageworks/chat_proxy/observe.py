@@ -1,0 +1,386 @@
+"""What the proxy remembers about requests: a JSONL request log and rolling in-memory metrics.
+
+`RequestLog` appends one JSON line per finished request from a single background thread, so the
+event loop never waits on the disk, and rotates the file by size. A broken log path costs a warning
+and dropped log lines, never a failed request.
+
+`Metrics` keeps a rolling window of finished requests per model for the `/metrics`-style snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from io import BufferedWriter
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+__all__ = ["Metrics", "Outcome", "RequestLog", "RequestRecord"]
+
+Outcome = Literal["ok", "error", "cancelled"]
+
+# A broken log path is re-tried this often, so a disk that was full or a directory that was fixed
+# starts logging again without a restart, but a permanently broken path costs one open() per 30 s.
+RETRY_INTERVAL_S = 30.0
+
+_log = logging.getLogger("imageworks.chat_proxy.observe")
+
+
+def _iso_utc(epoch_s: float) -> str:
+    moment = datetime.fromtimestamp(epoch_s, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One finished request, as logged and as counted by `Metrics`.
+
+    There is deliberately no field for request headers: API keys travel in `Authorization` and
+    must never reach the log, so the record cannot carry them. `prompt` and `response` are only
+    written when the log was created with `log_prompts=True`. The log serialises the record on
+    its writer thread, so callers must not mutate `prompt`/`response` after handing it over.
+    """
+
+    request_id: str
+    started_at: float  # epoch seconds
+    model_requested: str | None
+    model_resolved: str | None  # the registry entry's logical name
+    backend: str | None
+    stream: bool
+    status: int  # for a stream that failed after headers: the status its error event carried
+    outcome: Outcome
+    latency_ms: float
+    ttft_ms: float | None  # None for non-stream requests
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    error: str | None  # one line
+    prompt: Any = None
+    response: Any = None
+
+    def to_json_line(self, log_prompts: bool) -> str:
+        usage = None
+        if (self.prompt_tokens, self.completion_tokens, self.total_tokens) != (None, None, None):
+            usage = {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens,
+            }
+        line: dict[str, Any] = {
+            "ts": _iso_utc(self.started_at),
+            "request_id": self.request_id,
+            "model_requested": self.model_requested,
+            "model_resolved": self.model_resolved,
+            "backend": self.backend,
+            "stream": self.stream,
+            "status": self.status,
+            "outcome": self.outcome,
+            "latency_ms": round(self.latency_ms, 1),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
+            "usage": usage,
+            # Collapse whitespace so a multi-line backend traceback stays readable with grep.
+            "error": None if self.error is None else " ".join(self.error.split()),
+        }
+        if log_prompts:
+            line["prompt"] = self.prompt
+            line["response"] = self.response
+        # default=str: a prompt holding something json cannot encode still yields a line.
+        return json.dumps(line, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+
+
+class RequestLog:
+    """Appends records as JSON lines to `path`, rotating to `path.1` ... `path.<keep_files>`.
+
+    `write` may be called from any thread and never blocks or raises; only the writer thread
+    touches the files, one whole line per `write()` call, so lines are never split or interleaved.
+    Records that cannot be written (not started, closed, path broken) are counted in `dropped`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        *,
+        keep_files: int = 5,
+        log_prompts: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_bytes <= 0 or keep_files < 1:
+            raise ValueError("max_bytes must be > 0 and keep_files >= 1")
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep_files = keep_files
+        self.log_prompts = log_prompts
+        self._clock = clock  # only the writer thread reads it (for the retry interval)
+        self._queue: queue.SimpleQueue[RequestRecord | None] = queue.SimpleQueue()
+        # Guards only the accepting flag against close(): every accepted record is queued before
+        # the stop sentinel, so close() really drains everything written before it.
+        self._gate = threading.Lock()
+        self._accepting = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._rejected = 0  # written while not accepting; changed under _gate
+        self._lost = 0  # failed on the writer thread; changed only there
+        # Writer-thread state below.
+        self._file: BufferedWriter | None = None
+        self._size = 0
+        self._retry_at: float | None = None
+        self._warned = False
+
+    @property
+    def dropped(self) -> int:
+        return self._rejected + self._lost
+
+    def start(self) -> None:
+        with self._gate:
+            if self._thread is not None or self._closed:
+                raise RuntimeError("RequestLog can be started once, before close()")
+            self._thread = threading.Thread(
+                target=self._run, name="imageworks-request-log", daemon=True
+            )
+            self._thread.start()
+            self._accepting = True
+
+    def write(self, record: RequestRecord) -> None:
+        with self._gate:
+            if self._accepting:
+                self._queue.put(record)  # unbounded: never blocks
+            else:
+                self._rejected += 1
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop accepting, then wait up to `timeout_s` for every accepted record to be written."""
+        with self._gate:
+            if self._closed:
+                return
+            self._closed = True
+            self._accepting = False
+            thread = self._thread
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                _log.warning("request log writer did not finish within %.1f s", timeout_s)
+
+    # -- writer thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._ensure_open()  # so a broken path is reported at start-up, not at the first request
+        while (record := self._queue.get()) is not None:
+            self._store(record)
+        self._close_file()
+
+    def _store(self, record: RequestRecord) -> None:
+        try:
+            # errors="replace": a lone surrogate in a prompt must not cost the whole line.
+            data = record.to_json_line(self.log_prompts).encode("utf-8", errors="replace")
+        except (ValueError, RecursionError) as exc:  # e.g. a circular structure in the prompt
+            self._lost += 1
+            _log.warning("request %s could not be logged: %s", record.request_id, exc)
+            return
+        if not self._ensure_open():
+            self._lost += 1
+            return
+        try:
+            if self._size > 0 and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            self._append(data)
+        except OSError as exc:
+            self._lost += 1
+            self._fail(exc)
+            return
+        self._size += len(data)
+
+    def _append(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()  # the line is in the OS before the next one: readers and crashes see it
+
+    def _ensure_open(self) -> bool:
+        if self._file is not None:
+            return True
+        if self._retry_at is not None and self._clock() < self._retry_at:
+            return False
+        try:
+            self._open_file()
+        except OSError as exc:
+            self._fail(exc)
+            return False
+        if self._warned:
+            _log.info(
+                "request log %s is writable again (%d records dropped)", self.path, self.dropped
+            )
+            self._warned = False
+        self._retry_at = None
+        return True
+
+    def _open_file(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "ab")  # noqa: SIM115 - kept open across records, closed in _close_file
+        try:
+            self._size = os.fstat(file.fileno()).st_size
+            if self._size > 0 and not _ends_with_newline(self.path):
+                # A crash or full disk left half a line; start ours on a line of its own.
+                file.write(b"\n")
+                file.flush()
+                self._size += 1
+        except OSError:
+            file.close()
+            raise
+        self._file = file
+
+    def _rotate(self) -> None:
+        self._close_file()
+        for index in range(self.keep_files - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self._rotated(index), self._rotated(index + 1))
+        with contextlib.suppress(FileNotFoundError):  # someone removed it: just start afresh
+            os.replace(self.path, self._rotated(1))  # with keep_files=1 this drops the old path.1
+        self._open_file()
+
+    def _rotated(self, index: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{index}")
+
+    def _fail(self, exc: OSError) -> None:
+        self._close_file()
+        self._retry_at = self._clock() + RETRY_INTERVAL_S
+        if not self._warned:
+            self._warned = True
+            _log.warning(
+                "cannot write request log %s: %s; dropping log records, retrying every %.0f s",
+                self.path,
+                exc.strerror or exc,
+                RETRY_INTERVAL_S,
+            )
+
+    def _close_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # its lines were flushed already or counted lost
+                file.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) == b"\n"
+
+
+def _nearest_rank(values: list[float], percent: int) -> float | None:
+    """Nearest-rank percentile: the smallest value with at least `percent`% of values <= it."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = -(-percent * len(ordered) // 100)  # ceil in integers: no float rounding at the edges
+    return ordered[max(rank, 1) - 1]
+
+
+class _Sample(NamedTuple):
+    """The numbers of one finished request; never the record, whose prompt may hold images."""
+
+    at: float  # Metrics clock
+    model: str
+    outcome: Outcome
+    latency_ms: float
+    ttft_ms: float | None
+    tokens_per_s: float | None
+
+
+def _group(samples: Iterable[_Sample], in_flight: int) -> dict[str, Any]:
+    chosen = list(samples)
+    latency = [s.latency_ms for s in chosen]
+    ttft = [s.ttft_ms for s in chosen if s.ttft_ms is not None]
+    rate = [s.tokens_per_s for s in chosen if s.tokens_per_s is not None]
+    return {
+        "requests": len(chosen),
+        "errors": sum(s.outcome == "error" for s in chosen),
+        "cancelled": sum(s.outcome == "cancelled" for s in chosen),
+        "in_flight": in_flight,
+        "latency_ms": {
+            p: _nearest_rank(latency, n) for p, n in (("p50", 50), ("p95", 95), ("p99", 99))
+        },
+        "ttft_ms": {"p50": _nearest_rank(ttft, 50), "p95": _nearest_rank(ttft, 95)},
+        "tokens_per_s": {"p50": _nearest_rank(rate, 50)},
+    }
+
+
+class Metrics:
+    """Request counts and latency percentiles over the last `window_s` seconds, per model.
+
+    Not thread-safe and needs no locks: only the event loop calls it. Memory is bounded by
+    `max_samples` (the oldest samples go first, even if still inside the window).
+    """
+
+    def __init__(
+        self,
+        window_s: float = 300.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_samples: int = 10_000,
+    ) -> None:
+        if window_s <= 0 or max_samples < 1:
+            raise ValueError("window_s must be > 0 and max_samples >= 1")
+        self.window_s = window_s
+        self._clock = clock
+        # Appended in clock order, so the oldest are leftmost.
+        self._samples: deque[_Sample] = deque(maxlen=max_samples)
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_total = 0
+        self._last_swap: dict[str, Any] | None = None
+
+    def request_started(self, model: str | None) -> None:
+        key = model or "unknown"
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self._in_flight_total += 1
+
+    def request_finished(self, record: RequestRecord) -> None:
+        # The proxy starts a request under its resolved (logical) name once resolution succeeds;
+        # a caller that only knew the requested name is matched by the fallback.
+        for key in (record.model_resolved, record.model_requested or "unknown"):
+            if key is not None and self._in_flight.get(key, 0) > 0:
+                self._in_flight[key] -= 1
+                if self._in_flight[key] == 0:
+                    del self._in_flight[key]
+                self._in_flight_total -= 1
+                break
+        rate = None
+        if record.completion_tokens is not None and record.latency_ms > 0:
+            rate = record.completion_tokens / (record.latency_ms / 1000)
+        model = record.model_resolved or record.model_requested or "unknown"
+        self._samples.append(
+            _Sample(self._clock(), model, record.outcome, record.latency_ms, record.ttft_ms, rate)
+        )
+        self._prune()
+
+    def record_swap(self, duration_s: float) -> None:
+        self._last_swap = {"at": _iso_utc(time.time()), "duration_s": float(duration_s)}
+
+    def snapshot(self) -> dict[str, Any]:
+        self._prune()
+        by_model: dict[str, list[_Sample]] = {name: [] for name in self._in_flight}
+        for sample in self._samples:
+            by_model.setdefault(sample.model, []).append(sample)
+        return {
+            "window_s": self.window_s,
+            "overall": _group(self._samples, self._in_flight_total),
+            "models": {
+                name: _group(by_model[name], self._in_flight.get(name, 0))
+                for name in sorted(by_model)
+            },
+            "last_swap": None if self._last_swap is None else dict(self._last_swap),
+        }
+
+    def _prune(self) -> None:
+        oldest_kept = self._clock() - self.window_s
+        while self._samples and self._samples[0].at <= oldest_kept:
+            self._samples.popleft()

@@ -1,0 +1,396 @@
+"""A scripted OpenAI-protocol upstream for fault-injection tests.
+
+`ScriptedUpstream` runs a real uvicorn server on 127.0.0.1 (free port) in a background
+thread with its own event loop. The `model` of a chat request picks the scenario (see
+`SCENARIOS`); every scenario answers both `stream: true` and non-stream requests.
+
+Every chat request runs under a supervisor that watches the connection: if the client goes
+away before the response is complete, the scenario is cancelled and `disconnects` counts it.
+On close, unfinished responses are ended (streams stop without `[DONE]`, a request that
+got no answer yet gets a 503) so shutdown never waits on a hanging scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Coroutine, Iterable
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+JSON = dict[str, Any]
+
+COMPLETIONS = ("echo", "gated", "crash", "hang", "slow", "function-call", "tool-calls", "think")
+SCENARIOS = (*COMPLETIONS, "error-400", "error-500", "error-html")
+ECHO_TEXT = "Hello from the scripted upstream."
+ECHO_PIECES = ("Hello", " from", " upstream")
+SLOW_PIECES = ("Slow", " and", " steady", ".")
+THINK_PIECES = ("<thi", "nk>pondering", "</think>The answer", " is 4.")
+ARGUMENT_PIECES = ('{"city"', ': "Par', 'is"}')
+ARGUMENTS = "".join(ARGUMENT_PIECES)  # {"city": "Paris"}
+TOOL_CALLS = (("call_a", "get_weather"), ("call_b", "get_time"))
+USAGE = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+ROLE_DELTA = {"role": "assistant", "content": ""}
+ECHO_MESSAGE = {"role": "assistant", "content": ECHO_TEXT}
+GATE_TIMEOUT = 30.0
+TRUNCATED_JSON = b'{"id": "chatcmpl-x", "choi'
+HTML_502 = (
+    b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1></body></html>"
+)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> JSON:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+CONTEXT_ERROR = error_body(
+    "This model's maximum context length is 2048 tokens. However, you requested 4096 tokens.",
+    "invalid_request_error",
+    "messages",
+    "context_length_exceeded",
+)
+SERVER_ERROR = error_body("internal upstream failure", "server_error")
+
+
+class _Reply:
+    """Writes one HTTP response; each SSE event goes out as its own body message."""
+
+    def __init__(self, send: Send, rid: str, model: str, include_usage: bool) -> None:
+        self._send = send
+        self.model = model
+        self.include_usage = include_usage
+        self._base = {"id": rid, "created": int(time.time()), "model": model}
+        self.started = False
+        self.finished = False
+
+    async def _start(self, status: int, content_type: bytes, length: int | None = None) -> None:
+        headers = [(b"content-type", content_type), (b"cache-control", b"no-cache")]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def body(self, status: int, content_type: bytes, body: bytes) -> None:
+        await self._start(status, content_type, len(body))
+        self.finished = True
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def json(self, status: int, payload: JSON) -> None:
+        await self.body(status, b"application/json", json.dumps(payload).encode())
+
+    async def completion(self, message: JSON, finish_reason: str = "stop") -> None:
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+        payload = {**self._base, "object": "chat.completion", "choices": [choice]}
+        await self.json(200, {**payload, "usage": USAGE})
+
+    async def event(self, data: str) -> None:
+        if not self.started:
+            await self._start(200, b"text/event-stream")
+        body = f"data: {data}\n\n".encode()
+        await self._send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def chunk(self, delta: JSON, finish_reason: str | None = None) -> None:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        await self._chunk(choices=[choice])
+
+    async def _chunk(self, **fields: Any) -> None:
+        await self.event(json.dumps({**self._base, "object": "chat.completion.chunk", **fields}))
+
+    async def stream(self, deltas: Iterable[JSON], finish_reason: str = "stop") -> None:
+        """Role chunk, the given deltas, then the end of the stream."""
+        await self.chunk(ROLE_DELTA)
+        for delta in deltas:
+            await self.chunk(delta)
+        await self.finish_stream(finish_reason)
+
+    async def finish_stream(self, finish_reason: str = "stop") -> None:
+        await self.chunk({}, finish_reason)
+        if self.include_usage:
+            await self._chunk(choices=[], usage=USAGE)
+        await self.event("[DONE]")
+        await self.end()
+
+    async def end(self) -> None:
+        self.finished = True
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _client_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ScriptedUpstream:
+    """Context manager running the scripted OpenAI-compatible server; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._cond = threading.Condition()
+        self._requests: list[JSON] = []
+        self._headers: list[dict[str, str]] = []
+        self._disconnects = 0
+        self._gates: dict[str, asyncio.Event] = {}  # only touched on the server loop
+        self._closing = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- test-facing API
+    @property
+    def requests(self) -> list[JSON]:
+        with self._cond:
+            return list(self._requests)
+
+    @property
+    def headers(self) -> list[dict[str, str]]:
+        with self._cond:
+            return list(self._headers)
+
+    @property
+    def disconnects(self) -> int:
+        with self._cond:
+            return self._disconnects
+
+    def wait_for_request(self, n: int, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._requests) >= n, timeout)
+
+    def wait_for_disconnect(self, timeout: float, count: int = 1) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._disconnects >= count, timeout)
+
+    async def wait_for_request_async(self, n: int, timeout: float) -> bool:
+        return await asyncio.to_thread(self.wait_for_request, n, timeout)
+
+    async def wait_for_disconnect_async(self, timeout: float, count: int = 1) -> bool:
+        return await asyncio.to_thread(self.wait_for_disconnect, timeout, count)
+
+    def release(self, name: str = "gate") -> None:
+        """Open a gate (it stays open); safe from any thread or event loop."""
+        if self._loop is None:
+            raise RuntimeError("release() needs a running ScriptedUpstream")
+        self._loop.call_soon_threadsafe(lambda: self._gate(name).set())
+
+    # ----------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> ScriptedUpstream:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            self._app, interface="asgi3", lifespan="off", access_log=False, log_level="warning"
+        )
+        self._server = server = uvicorn.Server(config)
+        self._loop = loop = asyncio.new_event_loop()
+        self._closing = asyncio.Event()
+        self._gates.clear()
+        self._thread = threading.Thread(
+            target=_serve, args=(loop, server, sock), name="scripted-upstream", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("scripted upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._server is None or self._thread is None or self._loop is None:
+            return
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._closing.set)
+        self._server.should_exit = True
+        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(timeout=5)
+        self._server = self._thread = self._loop = None
+
+    # ---------------------------------------------------------------------- the server
+    def _gate(self, name: str) -> asyncio.Event:
+        return self._gates.setdefault(name, asyncio.Event())
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        route = (scope["method"], scope["path"])
+        if route == ("POST", "/v1/chat/completions"):
+            await self._chat(Request(scope, receive), send)
+            return
+        if route == ("GET", "/health"):
+            response = JSONResponse({"status": "ok"})
+        elif route == ("GET", "/v1/models"):
+            models = [{"id": n, "object": "model", "owned_by": "scripted"} for n in SCENARIOS]
+            response = JSONResponse({"object": "list", "data": models})
+        else:
+            response = JSONResponse(error_body("not found", "invalid_request_error"), 404)
+        await response(scope, receive, send)
+
+    async def _chat(self, request: Request, send: Send) -> None:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            error = error_body("body must be a JSON object", "invalid_request_error")
+            await JSONResponse(error, 400)(request.scope, request.receive, send)
+            return
+        with self._cond:
+            self._requests.append(body)
+            self._headers.append(dict(request.headers))
+            number = len(self._requests)
+            self._cond.notify_all()
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        model = str(body.get("model"))
+        reply = _Reply(send, f"chatcmpl-scripted-{number}", model, include_usage)
+        if model in SCENARIOS:
+            scenario = getattr(self, "_" + model.replace("-", "_"))
+            script = scenario(reply, body.get("stream") is True)
+        else:
+            script = _unknown(reply)
+        await self._supervise(reply, script, request.receive)
+
+    async def _supervise(
+        self, reply: _Reply, script: Coroutine[Any, Any, None], receive: Receive
+    ) -> None:
+        work = asyncio.ensure_future(script)
+        gone = asyncio.ensure_future(_client_gone(receive))
+        closing = asyncio.ensure_future(self._closing.wait())
+        done, _ = await asyncio.wait((work, gone, closing), return_when=asyncio.FIRST_COMPLETED)
+        for task in (work, gone, closing):
+            task.cancel()
+        await asyncio.gather(work, gone, closing, return_exceptions=True)
+        if work in done:
+            work.result()  # let uvicorn log a broken scenario
+        elif gone in done and not reply.finished:
+            with self._cond:
+                self._disconnects += 1
+                self._cond.notify_all()
+        elif not reply.started:
+            await reply.json(503, error_body("scripted upstream closing", "server_error"))
+        elif not reply.finished:
+            await reply.end()
+
+    # --------------------------------------------------------------------- scenarios
+    async def _echo(self, reply: _Reply, stream: bool) -> None:
+        if stream:
+            await reply.stream({"content": piece} for piece in ECHO_PIECES)
+        else:
+            await reply.completion(ECHO_MESSAGE)
+
+    async def _gated(self, reply: _Reply, stream: bool) -> None:
+        if stream:
+            await reply.chunk(ROLE_DELTA)
+            await reply.chunk({"content": ECHO_PIECES[0]})
+        with contextlib.suppress(TimeoutError):  # carry on; the test will notice the delay
+            await asyncio.wait_for(self._gate("gate").wait(), GATE_TIMEOUT)
+        if not stream:
+            await reply.completion(ECHO_MESSAGE)
+            return
+        for piece in ECHO_PIECES[1:]:
+            await reply.chunk({"content": piece})
+        await reply.finish_stream()
+
+    async def _crash(self, reply: _Reply, stream: bool) -> None:
+        if not stream:
+            await reply.body(200, b"application/json", TRUNCATED_JSON)
+            return
+        await reply.chunk(ROLE_DELTA)
+        await reply.chunk({"content": ECHO_PIECES[0]})
+        # Returning without the final body message makes uvicorn close the connection in
+        # the middle of the chunked body: the client sees an incomplete response.
+
+    async def _hang(self, reply: _Reply, stream: bool) -> None:
+        if stream:
+            await reply.chunk(ROLE_DELTA)
+        await asyncio.Event().wait()  # until the supervisor cancels us
+
+    async def _slow(self, reply: _Reply, stream: bool) -> None:
+        if not stream:
+            await asyncio.sleep(2.0)
+            await reply.completion(ECHO_MESSAGE)
+            return
+        await reply.chunk(ROLE_DELTA)
+        for piece in SLOW_PIECES:
+            await asyncio.sleep(0.5)
+            await reply.chunk({"content": piece})
+        await reply.finish_stream()
+
+    async def _error_400(self, reply: _Reply, stream: bool) -> None:
+        await reply.json(400, CONTEXT_ERROR)
+
+    async def _error_500(self, reply: _Reply, stream: bool) -> None:
+        await reply.json(500, SERVER_ERROR)
+
+    async def _error_html(self, reply: _Reply, stream: bool) -> None:
+        await reply.body(502, b"text/html; charset=utf-8", HTML_502)
+
+    async def _function_call(self, reply: _Reply, stream: bool) -> None:
+        if not stream:
+            call = {"name": "get_weather", "arguments": ARGUMENTS}
+            await reply.completion(
+                {"role": "assistant", "content": None, "function_call": call}, "function_call"
+            )
+            return
+        first = {"function_call": {"name": "get_weather", "arguments": ""}}
+        pieces = [{"function_call": {"arguments": piece}} for piece in ARGUMENT_PIECES]
+        await reply.stream([first, *pieces], "function_call")
+
+    async def _tool_calls(self, reply: _Reply, stream: bool) -> None:
+        if not stream:
+            calls = [
+                {"id": cid, "type": "function", "function": {"name": name, "arguments": ARGUMENTS}}
+                for cid, name in TOOL_CALLS
+            ]
+            await reply.completion(
+                {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            )
+            return
+        deltas: list[JSON] = []
+        for index, (cid, name) in enumerate(TOOL_CALLS):
+            function = {"name": name, "arguments": ""}
+            deltas.append({"index": index, "id": cid, "type": "function", "function": function})
+            deltas += [{"index": index, "function": {"arguments": p}} for p in ARGUMENT_PIECES]
+        await reply.stream(({"tool_calls": [delta]} for delta in deltas), "tool_calls")
+
+    async def _think(self, reply: _Reply, stream: bool) -> None:
+        if stream:
+            await reply.stream({"content": piece} for piece in THINK_PIECES)
+        else:
+            await reply.completion({"role": "assistant", "content": "".join(THINK_PIECES)})
+
+
+async def _unknown(reply: _Reply) -> None:
+    message = f"model '{reply.model}' does not exist"
+    await reply.json(404, error_body(message, "invalid_request_error", "model", "model_not_found"))
+
+
+def _serve(loop: asyncio.AbstractEventLoop, server: uvicorn.Server, sock: socket.socket) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(server.serve(sockets=[sock]))
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+    finally:
+        sock.close()
+        loop.close()
