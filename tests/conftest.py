@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +34,27 @@ def registry_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "configs"
     directory.mkdir()
     return directory
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two demo GGUF models, prepared once per test run by the project's own command."""
+    models = tmp_path_factory.mktemp("models") / "demo"
+    subprocess.run(
+        [sys.executable, "-m", "imageworks.demo", "--models-dir", str(models)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return models
+
+
+@pytest.fixture
+def demo_registry(tmp_path: Path, demo_models: Path) -> Path:
+    """A copy of the bundled demo registry whose `../models/demo/...` paths find the models."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "model_registry.curated.json", configs)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "demo").symlink_to(demo_models)
+    return configs

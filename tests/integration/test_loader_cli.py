@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, entry, read_json, write_json
+from conftest import entry, read_json, write_json
 
 LOADER = Path(sys.executable).parent / "imageworks-loader"
 
@@ -203,26 +202,8 @@ def test_missing_registry_directory_is_one_line_error(tmp_path: Path) -> None:
     assert "no registry files" in line
 
 
-def test_demo_registry_lists_both_demo_models_installed(tmp_path: Path) -> None:
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    shutil.copy(REPO_ROOT / "configs" / "model_registry.curated.json", configs)
-    prepared = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imageworks.demo",
-            "--models-dir",
-            str(tmp_path / "models" / "demo"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert prepared.returncode == 0, prepared.stderr
-
-    result = run("list", "--json", IMAGEWORKS_REGISTRY_DIR=str(configs))
+def test_demo_registry_lists_both_demo_models_installed(demo_registry: Path) -> None:
+    result = run("list", "--json", IMAGEWORKS_REGISTRY_DIR=str(demo_registry))
     assert result.returncode == 0, result.stderr
     installed = {row["name"]: row["installed"] for row in json.loads(result.stdout)}
     assert installed["smollm2_135m_(Q4_1)"] == "yes"

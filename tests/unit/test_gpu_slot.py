@@ -15,6 +15,7 @@ from imageworks.backends.gpu import Decision, GpuSlot, SlotView, Ticket, decide
 class FakeModel:
     name: str
     alive: bool = True
+    pid: int | None = None
 
     def is_alive(self) -> bool:
         return self.alive

@@ -28,6 +28,9 @@ log = logging.getLogger("imageworks.backends.gpu")
 
 
 class Holder(Protocol):
+    @property
+    def pid(self) -> int | None: ...
+
     def is_alive(self) -> bool: ...
 
 
@@ -117,6 +120,7 @@ class GpuSlot(Generic[H]):
             waiting[ticket.model] = waiting.get(ticket.model, 0) + 1
         return {
             "holder": state.holder_model,
+            "pid": state.holder.pid if state.holder is not None else None,
             "state": "swapping" if state.swapping else ("ready" if state.holder else "empty"),
             "active_requests": state.active,
             "waiting": waiting,

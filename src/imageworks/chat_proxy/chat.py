@@ -20,6 +20,7 @@ from imageworks.backends.base import BackendNotReady, Target
 from imageworks.backends.router import BackendRouter
 from imageworks.chat_proxy.catalog import Catalog
 from imageworks.chat_proxy.forwarding import Forwarder, UpstreamStream
+from imageworks.chat_proxy.normalize.request import apply_entry_defaults
 from imageworks.chat_proxy.observe import Metrics, RequestLog, RequestRecord
 from imageworks.chat_proxy.protocol import (
     SSE_DONE,
@@ -111,6 +112,7 @@ class ChatService:
                 raise BackendUnavailable(f"The model registry cannot be read: {exc}") from exc
             exchange.entry = self._catalog.resolve(view, body["model"])
             self._metrics.request_started(exchange.entry.name)
+            body = apply_entry_defaults(body, exchange.entry)
             opened = await _unless_client_leaves(
                 self._open(exchange.entry, body, exchange.stream), client_gone
             )

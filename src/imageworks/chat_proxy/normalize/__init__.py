@@ -1,0 +1,1 @@
+"""Pure request/response transformations: dict in, dict out, no I/O."""

@@ -1,0 +1,43 @@
+"""What the registry entry adds to a request: generation defaults and a default system prompt.
+
+Only what the request leaves unset is filled in; a client's explicit value always wins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imageworks.registry.schema import RegistryEntry
+
+# Registry field -> request field (OpenAI names; top_k/min_tokens are vLLM/llama.cpp extensions).
+_SAMPLING_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_tokens": "max_tokens",
+    "min_tokens": "min_tokens",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "stop_sequences": "stop",
+}
+
+
+def apply_entry_defaults(body: dict[str, Any], entry: RegistryEntry) -> dict[str, Any]:
+    """`body` with the entry's generation defaults and default system prompt where unset.
+    Returns `body` itself when there is nothing to add (the common, cheap case)."""
+    defaults = entry.generation_defaults
+    additions: dict[str, Any] = {}
+    for source, target in _SAMPLING_FIELDS.items():
+        value = getattr(defaults, source)
+        # `max_completion_tokens` is the newer spelling of the same limit.
+        already = body.get(target) is not None or (
+            target == "max_tokens" and body.get("max_completion_tokens") is not None
+        )
+        if value is not None and value != [] and not already:
+            additions[target] = value
+    system_prompt = entry.metadata.get("default_system_prompt")
+    messages = body["messages"]
+    has_system = any(message.get("role") in ("system", "developer") for message in messages)
+    if isinstance(system_prompt, str) and system_prompt.strip() and not has_system:
+        additions["messages"] = [{"role": "system", "content": system_prompt}, *messages]
+    return {**body, **additions} if additions else body

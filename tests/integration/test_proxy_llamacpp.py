@@ -1,0 +1,216 @@
+"""End to end through the real `imageworks-chat-proxy` console script and real llama.cpp
+processes serving the two demo models (SmolLM2-135M and Gemma 3 270M, on CPU).
+
+The tests share one proxy and run in order: they walk through what a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.timeout(180)
+
+SMOL = "smollm2 135m (Q4 1)"
+GEMMA = "gemma3 270m (Q4 K M)"
+SCRIPT = Path(sys.executable).parent / "imageworks-chat-proxy"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    process: subprocess.Popen[bytes]
+    workdir: Path
+
+    def health(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/v1/health", timeout=5)
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    def chat(self, model: str, **extra: Any) -> httpx.Response:
+        payload = {"model": model, "messages": [{"role": "user", "content": "ping"}], **extra}
+        return httpx.post(
+            f"{self.url}/v1/chat/completions",
+            json=payload,
+            headers={"Authorization": "Bearer EMPTY"},
+            timeout=120,
+        )
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iterator[RunningProxy]:
+    workdir = tmp_path_factory.mktemp("proxy")
+    (workdir / "configs").mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "model_registry.curated.json", workdir / "configs")
+    (workdir / "models").mkdir()
+    (workdir / "models" / "demo").symlink_to(demo_models)
+    port = free_port()
+    env = {
+        **os.environ,
+        "CHAT_PROXY_PORT": str(port),
+        "CHAT_PROXY_VLLM_PORT": str(free_port()),
+        "IMAGEWORKS_OLLAMA_HOST": "http://127.0.0.1:9",
+    }
+    log = (workdir / "proxy.out").open("wb")
+    process = subprocess.Popen(
+        [str(SCRIPT)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    running = RunningProxy(f"http://127.0.0.1:{port}", process, workdir)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            running.health()
+            break
+        except httpx.HTTPError:
+            assert process.poll() is None, (workdir / "proxy.out").read_text()
+            assert time.monotonic() < deadline, "the proxy did not come up"
+            time.sleep(0.1)
+    yield running
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_models_lists_both_demo_models(proxy: RunningProxy) -> None:
+    body = httpx.get(f"{proxy.url}/v1/models").json()
+    assert [item["id"] for item in body["data"]] == [GEMMA, SMOL]
+
+
+def test_non_stream_completion_comes_from_the_model(proxy: RunningProxy) -> None:
+    response = proxy.chat(SMOL, max_tokens=16)  # the runbook's curl payload, capped
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] > 0
+    assert proxy.health()["active_backend"] == "smollm2_135m_(Q4_1)"
+
+
+def test_stream_completion_arrives_as_events(proxy: RunningProxy) -> None:
+    payload = {
+        "model": SMOL,
+        "messages": [{"role": "user", "content": "ping"}],
+        "max_tokens": 12,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{proxy.url}/v1/chat/completions", json=payload, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        data = [line[5:].strip() for line in response.iter_lines() if line.startswith("data:")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert any(pieces)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_openai_sdk_lists_completes_and_streams(proxy: RunningProxy) -> None:
+    client = OpenAI(base_url=f"{proxy.url}/v1", api_key="EMPTY", timeout=120)
+    assert {model.id for model in client.models.list()} == {GEMMA, SMOL}
+
+    completion = client.chat.completions.create(
+        model=SMOL, messages=[{"role": "user", "content": "ping"}], max_tokens=12
+    )
+    assert completion.choices[0].message.content
+    assert completion.choices[0].finish_reason in ("stop", "length")
+
+    stream = client.chat.completions.create(
+        model=SMOL, messages=[{"role": "user", "content": "ping"}], max_tokens=12, stream=True
+    )
+    deltas = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert "".join(deltas)
+
+
+def test_swap_stops_the_old_process_and_the_new_model_answers(proxy: RunningProxy) -> None:
+    proxy.chat(SMOL, max_tokens=4)
+    before = proxy.health()["slot"]
+    assert before["holder"] == "smollm2_135m_(Q4_1)"
+    old_pid = before["pid"]
+    assert pid_alive(old_pid)
+
+    response = proxy.chat(GEMMA, max_tokens=8)  # a base model: always capped
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+    after = proxy.health()["slot"]
+    assert after["holder"] == "gemma3_270m_(Q4_K_M)"
+    assert after["pid"] != old_pid
+    assert not pid_alive(old_pid)
+    log_dir = proxy.workdir / "logs" / "llamacpp"
+    assert (log_dir / "gemma3_270m_Q4_K_M.log").read_text()
+
+
+def test_health_answers_at_once_while_a_model_loads(proxy: RunningProxy) -> None:
+    assert proxy.health()["active_backend"] == "gemma3_270m_(Q4_K_M)"
+    result: dict[str, httpx.Response] = {}
+    swap_back = threading.Thread(target=lambda: result.update(r=proxy.chat(SMOL, max_tokens=4)))
+    swap_back.start()
+    seen_loading = False
+    while swap_back.is_alive():
+        health = proxy.health()  # each call bounded by a 5 s client timeout
+        if health["slot"]["state"] == "swapping":
+            seen_loading = True
+            assert health["status"] == "ok"
+            break
+        time.sleep(0.01)
+    swap_back.join()
+    assert seen_loading, "the health check never saw the load in progress"
+    assert result["r"].status_code == 200
+
+
+def test_request_log_has_a_line_per_request(proxy: RunningProxy) -> None:
+    lines = (proxy.workdir / "logs" / "chat_proxy.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) >= 7
+    assert {r["outcome"] for r in records} == {"ok"}
+    streamed = [r for r in records if r["stream"]]
+    assert streamed
+    assert all(r["ttft_ms"] is not None for r in streamed)
+
+
+def test_sigterm_stops_the_proxy_and_its_model_process(proxy: RunningProxy) -> None:
+    model_pid = proxy.health()["slot"]["pid"]
+    assert pid_alive(model_pid)
+    proxy.process.send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status reports it
+    assert proxy.process.wait(timeout=90) in (0, -signal.SIGTERM)
+    assert not pid_alive(model_pid)
+    assert "Application shutdown complete" in (proxy.workdir / "proxy.out").read_text()
