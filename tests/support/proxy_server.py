@@ -26,7 +26,8 @@ class ProxyServer:
         self.settings = ProxySettings(**{**defaults, **settings})
         registry = RegistrySettings(registry_dir=registry_dir, ollama_host="http://127.0.0.1:9")
         self.app = create_app(self.settings, registry)
-        self._socket = socket.socket()
+        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else ~40 ms stalls)
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
         config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
