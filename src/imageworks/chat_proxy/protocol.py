@@ -4,6 +4,8 @@ Errors (one handler in `app.py` renders them as `{"error": {message, type, param
 
     ProxyError                      status, type, message, param, code
     ├── InvalidRequest      400     malformed JSON or a body that is not a chat request
+    │   └── CapabilityError 400     the model lacks what the request needs (vision, tools)
+    ├── PayloadTooLarge     413     an image (or all of them) beyond CHAT_PROXY_MAX_IMAGE_BYTES
     ├── ModelNotFound       404     no registry entry answers to `model` (lists close names)
     ├── NotFoundError       404     an endpoint that is switched off
     ├── BackendUnavailable  503     the backend cannot be reached or started (names it)
@@ -40,6 +42,15 @@ class ProxyError(Exception):
 
 class InvalidRequest(ProxyError):
     status = 400
+    type = "invalid_request_error"
+
+
+class CapabilityError(InvalidRequest):
+    type = "capability_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
     type = "invalid_request_error"
 
 
