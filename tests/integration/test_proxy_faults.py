@@ -332,3 +332,22 @@ def test_unwritable_log_path_is_reported_once_and_requests_keep_working(
     warnings = [r for r in caplog.records if "cannot write request log" in r.getMessage()]
     assert len(warnings) == 1
     assert str(blocked) in warnings[0].getMessage()
+
+
+def test_log_prompts_records_prompt_and_response(registry: Path, tmp_path: Path) -> None:
+    with ProxyServer(registry, tmp_path, include_non_installed=True, log_prompts=True) as proxy:
+        httpx.post(f"{proxy.url}/v1/chat/completions", json=chat("scripted echo"))
+        with httpx.stream(
+            "POST", f"{proxy.url}/v1/chat/completions", json=chat("scripted echo", stream=True)
+        ) as response:
+            response.read()
+        deadline = time.monotonic() + 10
+        records = log_lines(proxy)
+        while len(records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            records = log_lines(proxy)
+    whole, streamed = records[-2], records[-1]
+    assert whole["prompt"] == [{"role": "user", "content": "hi"}]
+    assert "Hello from the scripted upstream." in json.dumps(whole["response"])
+    assert streamed["prompt"] == [{"role": "user", "content": "hi"}]
+    assert streamed["response"] == "Hello from upstream"

@@ -178,7 +178,7 @@ def test_swap_stops_the_old_process_and_the_new_model_answers(proxy: RunningProx
     assert (log_dir / "gemma3_270m_Q4_K_M.log").read_text()
 
 
-def test_health_answers_at_once_while_a_model_loads(proxy: RunningProxy) -> None:
+def test_health_and_models_answer_at_once_while_a_model_loads(proxy: RunningProxy) -> None:
     assert proxy.health()["active_backend"] == "gemma3_270m_(Q4_K_M)"
     result: dict[str, httpx.Response] = {}
     swap_back = threading.Thread(target=lambda: result.update(r=proxy.chat(SMOL, max_tokens=4)))
@@ -189,6 +189,9 @@ def test_health_answers_at_once_while_a_model_loads(proxy: RunningProxy) -> None
         if health["slot"]["state"] == "swapping":
             seen_loading = True
             assert health["status"] == "ok"
+            # the model list does not wait for the swap either
+            models = httpx.get(f"{proxy.url}/v1/models", timeout=5).json()
+            assert [item["id"] for item in models["data"]] == [GEMMA, SMOL]
             break
         time.sleep(0.01)
     swap_back.join()

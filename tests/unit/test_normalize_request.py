@@ -4,7 +4,8 @@ from typing import Any
 
 import pytest
 
-from imageworks.chat_proxy.normalize.request import apply_entry_defaults
+from imageworks.chat_proxy.normalize.request import apply_entry_defaults, require_tool_support
+from imageworks.chat_proxy.protocol import CapabilityError
 from imageworks.registry.schema import RegistryEntry
 
 USER = [{"role": "user", "content": "hi"}]
@@ -64,3 +65,32 @@ def test_default_system_prompt_only_without_a_system_message(
         assert result["messages"][1:] == messages
     else:
         assert result["messages"] == messages
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "body", "refused"),
+    [
+        ({"tools": False}, {"tools": TOOLS}, True),
+        ({"function_calling": False}, {"functions": [{"name": "f"}]}, True),
+        ({"tools": True}, {"tools": TOOLS}, False),
+        ({}, {"tools": TOOLS}, False),  # unknown: allowed
+        ({"tools": False}, {"tools": []}, False),  # nothing asked
+    ],
+)
+def test_tools_need_the_tools_capability(
+    capabilities: dict[str, bool], body: dict[str, Any], refused: bool
+) -> None:
+    entry = _entry(capabilities=capabilities)
+    request = {"model": "m", "messages": USER, **body}
+    if refused:
+        with pytest.raises(CapabilityError) as caught:
+            require_tool_support(request, entry, "m (Q4)")
+        assert caught.value.status == 400
+        assert caught.value.type == "capability_error"
+        assert "m (Q4)" in caught.value.message
+        assert "tools" in caught.value.message
+    else:
+        require_tool_support(request, entry, "m (Q4)")

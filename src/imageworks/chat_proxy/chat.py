@@ -54,7 +54,8 @@ class Exchange:
     first_token: float | None = None
     usage: dict[str, Any] | None = None
     prompt: Any = None
-    response_text: list[str] = field(default_factory=list)
+    response: Any = None  # a non-streamed answer's choices (logged only with log_prompts)
+    response_text: list[str] = field(default_factory=list)  # a streamed answer's text pieces
 
     def record(
         self, status: int, outcome: Outcome, error: str | None, log_prompts: bool
@@ -77,7 +78,7 @@ class Exchange:
             total_tokens=_int_or_none(usage.get("total_tokens")),
             error=error,
             prompt=self.prompt if log_prompts else None,
-            response="".join(self.response_text) if log_prompts else None,
+            response=(self.response or "".join(self.response_text)) if log_prompts else None,
         )
 
 
@@ -127,7 +128,7 @@ class ChatService:
             return EventStreamResponse(self._relay(exchange, opened))
         exchange.usage = _usage(opened.parsed)
         if self._log_prompts:
-            exchange.response_text.append(json.dumps(opened.parsed.get("choices")))
+            exchange.response = opened.parsed.get("choices")
         self._finish(exchange, opened.status, "ok", None)
         return Response(opened.content, status_code=opened.status, media_type="application/json")
 

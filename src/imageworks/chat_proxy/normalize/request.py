@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from imageworks.chat_proxy.protocol import CapabilityError
 from imageworks.registry.schema import RegistryEntry
 
 # Registry field -> request field (OpenAI names; top_k/min_tokens are vLLM/llama.cpp extensions).
@@ -41,3 +42,20 @@ def apply_entry_defaults(body: dict[str, Any], entry: RegistryEntry) -> dict[str
     if isinstance(system_prompt, str) and system_prompt.strip() and not has_system:
         additions["messages"] = [{"role": "system", "content": system_prompt}, *messages]
     return {**body, **additions} if additions else body
+
+
+def wants_tools(body: dict[str, Any]) -> bool:
+    return bool(body.get("tools")) or bool(body.get("functions"))
+
+
+def require_tool_support(body: dict[str, Any], entry: RegistryEntry, shown_name: str) -> None:
+    """Tools sent to a model whose entry says it cannot call them are refused up front (a
+    model without tool support would ignore them, or its template would fail). Unknown is
+    allowed: most registries never say."""
+    if wants_tools(body) and entry.capability("tools") is False:
+        raise CapabilityError(
+            f"Model '{shown_name}' does not support tools (function calling); "
+            "remove 'tools' or choose a model with the tools capability.",
+            param="tools",
+            code="model_lacks_tools",
+        )
