@@ -200,9 +200,11 @@ def test_health_and_models_answer_at_once_while_a_model_loads(proxy: RunningProx
 
 
 def test_request_log_has_a_line_per_request(proxy: RunningProxy) -> None:
-    lines = (proxy.workdir / "logs" / "chat_proxy.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert len(records) >= 7
+    log = proxy.workdir / "logs" / "chat_proxy.jsonl"
+    deadline = time.monotonic() + 10  # lines are written by a background thread
+    while len(records := [json.loads(line) for line in log.read_text().splitlines()]) < 7:
+        assert time.monotonic() < deadline, records
+        time.sleep(0.05)
     assert {r["outcome"] for r in records} == {"ok"}
     streamed = [r for r in records if r["stream"]]
     assert streamed

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -18,22 +19,34 @@ from starlette.responses import JSONResponse, Response
 
 from imageworks.backends.base import BackendNotReady, Target
 from imageworks.backends.router import BackendRouter
+from imageworks.backends.templates import TemplateCheck, check_chat_template
 from imageworks.chat_proxy.catalog import Catalog
 from imageworks.chat_proxy.forwarding import Forwarder, UpstreamStream
-from imageworks.chat_proxy.normalize.request import apply_entry_defaults
+from imageworks.chat_proxy.normalize.ollama_path import needs_native_ollama, ollama_num_ctx
+from imageworks.chat_proxy.normalize.reasoning import split_think_completion
+from imageworks.chat_proxy.normalize.request import RequestRules, prepare_request
+from imageworks.chat_proxy.normalize.stream import EventNormalizer
+from imageworks.chat_proxy.normalize.tools import normalize_completion
+from imageworks.chat_proxy.normalize.vision import has_images
 from imageworks.chat_proxy.observe import Metrics, RequestLog, RequestRecord
 from imageworks.chat_proxy.protocol import (
     SSE_DONE,
     BackendUnavailable,
+    InvalidRequest,
     ProxyError,
     parse_chat_request,
     sse_error,
 )
 from imageworks.chat_proxy.sse import EventStreamResponse
 from imageworks.registry.errors import RegistryError
+from imageworks.registry.naming import display_name
 from imageworks.registry.schema import RegistryEntry
 
 _DONE_EVENTS = (b"data: [DONE]", b"data:[DONE]")
+
+# Backends whose servers render the chat template themselves from the weights (Ollama embeds
+# it in its model files; external servers are someone else's business).
+TEMPLATED_BACKENDS = frozenset({"vllm", "llamacpp"})
 
 # Status recorded for a request whose client left before the answer (nginx's convention).
 CLIENT_CLOSED = 499
@@ -82,6 +95,17 @@ class Exchange:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ChatRules:
+    """Settings that decide how requests and answers are shaped."""
+
+    request: RequestRules
+    require_template: bool
+    normalize_tools: bool
+    split_think_tags: bool
+    log_prompts: bool
+
+
 class ChatService:
     def __init__(
         self,
@@ -90,15 +114,17 @@ class ChatService:
         forwarder: Forwarder,
         request_log: RequestLog,
         metrics: Metrics,
-        *,
-        log_prompts: bool,
+        rules: ChatRules,
     ) -> None:
         self._catalog = catalog
         self._router = router
         self._forwarder = forwarder
         self._log = request_log
         self._metrics = metrics
-        self._log_prompts = log_prompts
+        self._rules = rules
+        self._log_prompts = rules.log_prompts
+        # entry -> template check, per registry snapshot (entries are replaced on reload)
+        self._templates: dict[int, tuple[RegistryEntry, TemplateCheck]] = {}
 
     async def handle(self, raw_body: bytes, client_gone: Callable[[], Awaitable[None]]) -> Response:
         exchange = Exchange()
@@ -113,7 +139,7 @@ class ChatService:
                 raise BackendUnavailable(f"The model registry cannot be read: {exc}") from exc
             exchange.entry = self._catalog.resolve(view, body["model"])
             self._metrics.request_started(exchange.entry.name)
-            body = apply_entry_defaults(body, exchange.entry)
+            body = await self._prepare(body, exchange.entry, view.snapshot.directory)
             opened = await _unless_client_leaves(
                 self._open(exchange.entry, body, exchange.stream), client_gone
             )
@@ -126,11 +152,54 @@ class ChatService:
 
         if isinstance(opened, _OpenStream):
             return EventStreamResponse(self._relay(exchange, opened))
-        exchange.usage = _usage(opened.parsed)
+        content, parsed = self._normalize_completion(opened.content, opened.parsed)
+        exchange.usage = _usage(parsed)
         if self._log_prompts:
-            exchange.response = opened.parsed.get("choices")
+            exchange.response = parsed.get("choices")
         self._finish(exchange, opened.status, "ok", None)
-        return Response(opened.content, status_code=opened.status, media_type="application/json")
+        return Response(content, status_code=opened.status, media_type="application/json")
+
+    async def _prepare(
+        self, body: dict[str, Any], entry: RegistryEntry, registry_dir: Path
+    ) -> dict[str, Any]:
+        """Check and shape the request for the entry (400s come from here)."""
+        shown = display_name(entry)
+        if self._rules.require_template and entry.backend in TEMPLATED_BACKENDS:
+            check = await self._template_check(entry, registry_dir)
+            if not check.ok:
+                raise InvalidRequest(
+                    f"Model '{shown}' has no chat template: {check.reason}. Set "
+                    f"chat_template.path in registry entry {entry.name!r} (or run the proxy "
+                    "with CHAT_PROXY_REQUIRE_TEMPLATE=0).",
+                    param="model",
+                    code="chat_template_missing",
+                )
+        if has_images(body["messages"]):  # decoding images is CPU work: not on the loop
+            return await asyncio.to_thread(prepare_request, body, entry, shown, self._rules.request)
+        return prepare_request(body, entry, shown, self._rules.request)
+
+    async def _template_check(self, entry: RegistryEntry, registry_dir: Path) -> TemplateCheck:
+        cached = self._templates.get(id(entry))
+        if cached is not None and cached[0] is entry:
+            return cached[1]
+        check = await asyncio.to_thread(check_chat_template, entry, registry_dir)
+        if len(self._templates) > 1024:  # entries of old registry snapshots
+            self._templates.clear()
+        self._templates[id(entry)] = (entry, check)
+        return check
+
+    def _normalize_completion(
+        self, content: bytes, parsed: dict[str, Any]
+    ) -> tuple[bytes, dict[str, Any]]:
+        """Tool calls and think tags in a whole answer; the backend's bytes if nothing changes."""
+        result = parsed
+        if self._rules.normalize_tools:
+            result = normalize_completion(result)
+        if self._rules.split_think_tags:
+            result = split_think_completion(result)
+        if result is parsed:
+            return content, parsed
+        return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode(), result
 
     async def _open(
         self, entry: RegistryEntry, body: dict[str, Any], stream: bool
@@ -141,10 +210,18 @@ class ChatService:
         try:
             backend = self._router.backend_for(entry)
             target: Target = await stack.enter_async_context(backend.lease(entry))
+            native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
+            num_ctx = ollama_num_ctx(entry)
             if not stream:
-                completion = await self._forwarder.complete(target, body)
+                if native_ollama:
+                    completion = await self._forwarder.complete_ollama(target, body, num_ctx)
+                else:
+                    completion = await self._forwarder.complete(target, body)
                 return _Completed(completion.status, completion.content, completion.parsed)
-            upstream = await self._forwarder.open_stream(target, body)
+            if native_ollama:
+                upstream = await self._forwarder.open_ollama_stream(target, body, num_ctx)
+            else:
+                upstream = await self._forwarder.open_stream(target, body)
             stack.push_async_callback(upstream.aclose)
             return _OpenStream(upstream, stack.pop_all())
         except BackendNotReady as exc:
@@ -158,15 +235,25 @@ class ChatService:
         outcome: Outcome = "cancelled"
         status = CLIENT_CLOSED
         error: str | None = "client disconnected"
+        normalizer = EventNormalizer(
+            tools=self._rules.normalize_tools, split_think=self._rules.split_think_tags
+        )
         try:
             saw_done = False
-            async for event in opened.upstream.events():
-                if event.strip() in _DONE_EVENTS:
+            async for received in opened.upstream.events():
+                if received.strip() in _DONE_EVENTS:
                     saw_done = True
-                elif exchange.first_token is None or b'"usage"' in event or self._log_prompts:
+                    if (last := normalizer.flush()) is not None:
+                        yield last
+                    yield received
+                    continue
+                event = normalizer.process(received)
+                if exchange.first_token is None or b'"usage"' in event or self._log_prompts:
                     self._observe_event(exchange, event)
                 yield event
             if not saw_done:
+                if (last := normalizer.flush()) is not None:
+                    yield last
                 yield SSE_DONE
             outcome, status, error = "ok", 200, None
         except ProxyError as failure:

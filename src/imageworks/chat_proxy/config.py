@@ -38,6 +38,11 @@ class ProxySettings(BaseSettings):
     backend_timeout_ms: int = Field(default=120_000, gt=0)
     stream_idle_timeout_ms: int = Field(default=60_000, gt=0)
     disable_tool_normalization: bool = False
+    # http(s) image URLs are passed to the backend untouched only when allowed; the proxy
+    # itself never fetches them.
+    allow_remote_images: bool = False
+    # Move inline <think>...</think> text into `reasoning_content` (off: passed through as is).
+    split_think_tags: bool = False
     vision_truncate_history: bool = True
     vision_keep_system: bool = True
     vision_keep_last_n_turns: int = Field(default=0, ge=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,12 @@ from typing import Any
 import httpx
 
 from imageworks.backends.base import Target
+from imageworks.chat_proxy.normalize.ollama import (
+    OllamaStreamTranslator,
+    from_ollama_chat,
+    to_ollama_chat,
+)
+from imageworks.chat_proxy.normalize.stream import encode_event
 from imageworks.chat_proxy.protocol import (
     BackendTimeout,
     BackendUnavailable,
@@ -69,18 +76,26 @@ class Forwarder:
         self._backend_timeout_s = backend_timeout_s
         self._idle_timeout_s = stream_idle_timeout_s
 
-    def _request(self, target: Target, body: dict[str, Any], read_timeout: float) -> httpx.Request:
-        payload = {**body, "model": target.model}
+    def _request(self, url: str, payload: dict[str, Any], read_timeout: float) -> httpx.Request:
         return self._client.build_request(
             "POST",
-            f"{target.base_url}/chat/completions",
+            url,
             content=json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
             timeout=httpx.Timeout(self._backend_timeout_s, read=read_timeout),
         )
 
+    def _openai_request(
+        self, target: Target, body: dict[str, Any], read_timeout: float
+    ) -> httpx.Request:
+        payload = {**body, "model": target.model}
+        return self._request(f"{target.base_url}/chat/completions", payload, read_timeout)
+
     async def complete(self, target: Target, body: dict[str, Any]) -> Completion:
         """POST and wait for the whole answer, within the backend timeout."""
-        request = self._request(target, body, self._backend_timeout_s)
+        request = self._openai_request(target, body, self._backend_timeout_s)
+        return await self._complete(target, request)
+
+    async def _complete(self, target: Target, request: httpx.Request) -> Completion:
         try:
             async with asyncio.timeout(self._backend_timeout_s):
                 response = await self._client.send(request)
@@ -107,7 +122,11 @@ class Forwarder:
     async def open_stream(self, target: Target, body: dict[str, Any]) -> UpstreamStream:
         """Send a streaming request and wait for the backend's headers (errors come before
         the client sees anything, so they keep their HTTP status)."""
-        request = self._request(target, body, self._idle_timeout_s)
+        request = self._openai_request(target, body, self._idle_timeout_s)
+        response = await self._send_stream(target, request)
+        return UpstreamStream(response, target, self._idle_timeout_s)
+
+    async def _send_stream(self, target: Target, request: httpx.Request) -> httpx.Response:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -120,7 +139,32 @@ class Forwarder:
             finally:
                 await response.aclose()
             raise upstream_error(response.status_code, content, target.label)
-        return UpstreamStream(response, target, self._idle_timeout_s)
+        return response
+
+    # -- Ollama's native /api/chat, for what its /v1 cannot do (images, tool arguments, num_ctx)
+
+    async def complete_ollama(
+        self, target: Target, body: dict[str, Any], num_ctx: int | None
+    ) -> Completion:
+        payload = {**to_ollama_chat(body, model=target.model, num_ctx=num_ctx), "stream": False}
+        request = self._request(_ollama_chat_url(target), payload, self._backend_timeout_s)
+        native = await self._complete(target, request)
+        answer = from_ollama_chat(
+            native.parsed, request_model=target.model, completion_id=_completion_id()
+        )
+        content = json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+        return Completion(native.status, content, answer)
+
+    async def open_ollama_stream(
+        self, target: Target, body: dict[str, Any], num_ctx: int | None
+    ) -> UpstreamStream:
+        payload = {**to_ollama_chat(body, model=target.model, num_ctx=num_ctx), "stream": True}
+        request = self._request(_ollama_chat_url(target), payload, self._idle_timeout_s)
+        response = await self._send_stream(target, request)
+        options = body.get("stream_options")
+        wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        translator = OllamaStreamTranslator(target.model, _completion_id())
+        return OllamaUpstreamStream(response, target, self._idle_timeout_s, translator, wants_usage)
 
 
 class UpstreamStream:
@@ -132,17 +176,10 @@ class UpstreamStream:
         self._idle_timeout_s = idle_timeout_s
 
     async def events(self) -> AsyncIterator[bytes]:
-        """Each complete SSE event (separator included), as the backend's bytes."""
-        buffer = b""
+        """Each complete SSE event, separator included; transport errors become ProxyErrors."""
         try:
-            async for chunk in self._response.aiter_raw():
-                buffer += chunk
-                while True:
-                    cut = _event_end(buffer)
-                    if cut < 0:
-                        break
-                    yield buffer[:cut]
-                    buffer = buffer[cut:]
+            async for event in self._events():
+                yield event
         except httpx.ReadTimeout:
             raise BackendTimeout(
                 f"Backend {self._target.label} sent nothing for {self._idle_timeout_s:g}s; "
@@ -151,11 +188,61 @@ class UpstreamStream:
             ) from None
         except httpx.HTTPError as exc:
             raise translate(exc, self._target) from exc
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        """The backend's SSE events, cut at event boundaries, byte for byte as sent."""
+        buffer = b""
+        async for chunk in self._response.aiter_raw():
+            buffer += chunk
+            while (cut := _event_end(buffer)) >= 0:
+                yield buffer[:cut]
+                buffer = buffer[cut:]
         if buffer.strip():  # a last event without its blank line still counts
             yield buffer + b"\n\n"
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+class OllamaUpstreamStream(UpstreamStream):
+    """Ollama's NDJSON stream, re-spoken as OpenAI SSE events."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        target: Target,
+        idle_timeout_s: float,
+        translator: OllamaStreamTranslator,
+        wants_usage: bool,
+    ) -> None:
+        super().__init__(response, target, idle_timeout_s)
+        self._translator = translator
+        self._wants_usage = wants_usage
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        async for line in self._response.aiter_lines():
+            if not line.strip():
+                continue
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                raise BadGateway(
+                    f"Backend {self._target.label} sent a line that is not JSON.",
+                    code="bad_upstream_response",
+                ) from None
+            for chunk in self._translator.translate(parsed):
+                # OpenAI sends a usage chunk only to clients that asked for one.
+                if chunk.get("choices") == [] and not self._wants_usage:
+                    continue
+                yield encode_event(chunk)
+
+
+def _ollama_chat_url(target: Target) -> str:
+    return target.base_url.removesuffix("/v1") + "/api/chat"
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
 
 
 def _event_end(buffer: bytes) -> int:

@@ -16,9 +16,11 @@ from imageworks.backends.managed import ManagedBackend, ProcessEffects
 from imageworks.backends.router import BackendRouter, LaunchSettings, launch_spec
 from imageworks.backends.supervisor import LaunchSpec, ManagedProcess
 from imageworks.chat_proxy.catalog import Catalog
-from imageworks.chat_proxy.chat import ChatService
+from imageworks.chat_proxy.chat import ChatRules, ChatService
 from imageworks.chat_proxy.config import ProxySettings
 from imageworks.chat_proxy.forwarding import Forwarder, new_client
+from imageworks.chat_proxy.normalize.request import RequestRules
+from imageworks.chat_proxy.normalize.vision import ImagePolicy
 from imageworks.chat_proxy.observe import Metrics, RequestLog
 from imageworks.config import RegistrySettings
 from imageworks.registry.errors import RegistryError
@@ -89,9 +91,7 @@ async def running_services(
     request_log.start()
     client = new_client()
     forwarder = Forwarder(client, settings.backend_timeout_s, settings.stream_idle_timeout_s)
-    chat = ChatService(
-        catalog, router, forwarder, request_log, metrics, log_prompts=settings.log_prompts
-    )
+    chat = ChatService(catalog, router, forwarder, request_log, metrics, chat_rules(settings))
     refresher = asyncio.create_task(catalog.keep_installed_states_fresh())
     try:
         yield Services(settings, time.monotonic(), catalog, slot, chat, metrics)
@@ -113,6 +113,23 @@ async def _stop_managed_model(slot: GpuSlot[ManagedProcess], stop_timeout_s: flo
         if holder is not None:
             log.warning("model process did not stop in time; killing it")
             holder.kill_now()
+
+
+def chat_rules(settings: ProxySettings) -> ChatRules:
+    normalize_tools = not settings.disable_tool_normalization
+    return ChatRules(
+        request=RequestRules(
+            normalize_tools=normalize_tools,
+            images=ImagePolicy(settings.max_image_bytes, settings.allow_remote_images),
+            truncate_vision_history=settings.vision_truncate_history,
+            keep_system=settings.vision_keep_system,
+            keep_last_n_turns=settings.vision_keep_last_n_turns,
+        ),
+        require_template=settings.require_template,
+        normalize_tools=normalize_tools,
+        split_think_tags=settings.split_think_tags,
+        log_prompts=settings.log_prompts,
+    )
 
 
 def _refresh_merged_file(store: RegistryStore) -> None:

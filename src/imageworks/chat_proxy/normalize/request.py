@@ -5,8 +5,17 @@ Only what the request leaves unset is filled in; a client's explicit value alway
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from imageworks.chat_proxy.normalize.tools import normalize_tool_request
+from imageworks.chat_proxy.normalize.vision import (
+    ImagePolicy,
+    has_images,
+    require_vision,
+    truncate_for_vision,
+    validate_images,
+)
 from imageworks.chat_proxy.protocol import CapabilityError
 from imageworks.registry.schema import RegistryEntry
 
@@ -59,3 +68,36 @@ def require_tool_support(body: dict[str, Any], entry: RegistryEntry, shown_name:
             param="tools",
             code="model_lacks_tools",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRules:
+    """The settings that shape a request before it is forwarded."""
+
+    normalize_tools: bool
+    images: ImagePolicy
+    truncate_vision_history: bool
+    keep_system: bool
+    keep_last_n_turns: int
+
+
+def prepare_request(
+    body: dict[str, Any], entry: RegistryEntry, shown_name: str, rules: RequestRules
+) -> dict[str, Any]:
+    """Check the request against the entry and rewrite it for the backend, in order: tools,
+    capabilities, images (validated, history trimmed), entry defaults. Raises ProxyErrors.
+    Decodes images, so callers on an event loop run it in a thread when there are any."""
+    if rules.normalize_tools:
+        body = normalize_tool_request(body)
+    require_tool_support(body, entry, shown_name)
+    messages = body["messages"]
+    if has_images(messages):
+        require_vision(messages, shown_name, entry.capability("vision"))
+        validate_images(messages, rules.images)
+        if rules.truncate_vision_history:
+            trimmed = truncate_for_vision(
+                messages, keep_system=rules.keep_system, keep_last_n_turns=rules.keep_last_n_turns
+            )
+            if trimmed is not messages:
+                body = {**body, "messages": trimmed}
+    return apply_entry_defaults(body, entry)

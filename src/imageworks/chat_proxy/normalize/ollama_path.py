@@ -1,0 +1,28 @@
+"""When an Ollama entry goes through Ollama's native `/api/chat` instead of its `/v1`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imageworks.chat_proxy.normalize.request import wants_tools
+from imageworks.chat_proxy.normalize.vision import has_images
+from imageworks.registry.schema import RegistryEntry
+
+
+def ollama_num_ctx(entry: RegistryEntry) -> int | None:
+    """The context size the entry asks Ollama for: `--num-ctx N` in extra_args (the original
+    registry's convention), else `generation_defaults.context_window`."""
+    args = entry.backend_config.extra_args
+    for position, arg in enumerate(args):
+        flag, _, inline = arg.partition("=")
+        if flag.replace("_", "-") in ("--num-ctx", "--num-context"):
+            value = inline or (args[position + 1] if position + 1 < len(args) else "")
+            if value.isdigit():
+                return int(value)
+    return entry.generation_defaults.context_window
+
+
+def needs_native_ollama(body: dict[str, Any], entry: RegistryEntry) -> bool:
+    """Ollama's `/v1` drops what these need: inline images as raw base64, tool calls with
+    object arguments, and `num_ctx`. Everything else takes the OpenAI path unchanged."""
+    return has_images(body["messages"]) or wants_tools(body) or ollama_num_ctx(entry) is not None
