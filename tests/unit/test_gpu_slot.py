@@ -195,8 +195,8 @@ async def test_slot_swap_survives_the_requesting_client_leaving() -> None:
     slot: GpuSlot[FakeModel] = GpuSlot(effects)
 
     async def use(model: str) -> str:
-        async with slot.lease(model) as holder:
-            return holder.name
+        async with slot.lease(model) as lease:
+            return lease.holder.name
 
     impatient = asyncio.create_task(use("b"))
     await settle()
@@ -217,10 +217,10 @@ async def test_slot_restarts_a_holder_that_died() -> None:
     slot: GpuSlot[FakeModel] = GpuSlot(effects)
     async with slot.lease("a") as first:
         pass
-    first.alive = False  # e.g. killed with -9
+    first.holder.alive = False  # e.g. killed with -9
     effects.running.clear()
     async with slot.lease("a") as second:
-        assert second is not first
+        assert second.holder is not first.holder
     assert effects.events == ["start a", "stop a", "start a"]
 
 
@@ -235,3 +235,54 @@ async def test_slot_release_stops_the_holder_after_its_requests() -> None:
     await release
     assert effects.events == ["start a", "stop a"]
     assert slot.status()["state"] == "empty"
+
+
+async def test_drain_timeout_swaps_anyway_and_marks_the_old_requests() -> None:
+    effects = FakeEffects()
+    effects.gate("a").set()
+    effects.gate("b").set()
+    slot: GpuSlot[FakeModel] = GpuSlot(effects, drain_timeout_s=0.05)
+    stuck = asyncio.Event()  # the old model's request never finishes by itself
+
+    async def hog() -> str | None:
+        async with slot.lease("a") as lease:
+            await stuck.wait()
+            return lease.preempted
+
+    holding = asyncio.create_task(hog())
+    await settle()
+    async with slot.lease("b") as lease:
+        assert lease.holder.name == "b"
+        assert effects.events == ["start a", "stop a", "start b"]
+    stuck.set()
+    reason = await holding
+    assert reason is not None
+    assert "drain timeout" in reason
+
+
+async def test_no_drain_timeout_waits_for_the_old_requests() -> None:
+    effects = FakeEffects()
+    effects.gate("a").set()
+    effects.gate("b").set()
+    slot: GpuSlot[FakeModel] = GpuSlot(effects)
+    done = asyncio.Event()
+
+    async def hog() -> str | None:
+        async with slot.lease("a") as lease:
+            await done.wait()
+            return lease.preempted
+
+    holding = asyncio.create_task(hog())
+    await settle()
+    waiter = asyncio.create_task(use_once(slot, "b"))
+    await asyncio.sleep(0.1)
+    assert "stop a" not in effects.events
+    done.set()
+    assert await holding is None
+    await waiter
+    assert effects.events == ["start a", "stop a", "start b"]
+
+
+async def use_once(slot: GpuSlot[FakeModel], model: str) -> None:
+    async with slot.lease(model):
+        pass

@@ -3,6 +3,7 @@ backend ready while the request runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,6 +18,9 @@ class Target:
     base_url: str  # OpenAI base, ending in /v1
     model: str  # the `model` value this backend expects
     label: str  # how errors and logs name the backend, e.g. "llamacpp:smollm2_135m_(Q4_1)"
+    # Why the backend was taken away in the middle of this request (a swap after the drain
+    # timeout), so a failure can say so instead of "connection closed".
+    preempted: Callable[[], str | None] = lambda: None
 
 
 class Backend(Protocol):

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
+from imageworks.backends.autostart import Autostarter
 from imageworks.backends.base import Target
 from imageworks.registry.endpoints import ollama_tag, openai_base_url
 from imageworks.registry.schema import RegistryEntry
@@ -43,12 +44,22 @@ def external_target(entry: RegistryEntry, ollama_host: str, loopback_alias: str 
 
 
 class ExternalBackend:
-    """Nothing to start or stop: the lease only says where the backend is."""
+    """Servers we do not manage: the lease says where the backend is, and if an autostart
+    command is configured for the entry, starts it when it is down."""
 
-    def __init__(self, ollama_host: str, loopback_alias: str | None) -> None:
+    def __init__(
+        self,
+        ollama_host: str,
+        loopback_alias: str | None,
+        autostarter: Autostarter | None = None,
+    ) -> None:
         self._ollama_host = ollama_host
         self._loopback_alias = loopback_alias
+        self._autostarter = autostarter
 
     @asynccontextmanager
     async def lease(self, entry: RegistryEntry) -> AsyncIterator[Target]:
-        yield external_target(entry, self._ollama_host, self._loopback_alias)
+        target = external_target(entry, self._ollama_host, self._loopback_alias)
+        if self._autostarter is not None and self._autostarter.has_command(entry.name):
+            await self._autostarter.ensure_up(entry.name, target)
+        yield target

@@ -13,6 +13,7 @@ so scheduling is testable without processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -55,6 +56,7 @@ class Decision(enum.Enum):
 class Ticket:
     model: str
     seq: int
+    queued_at: float = 0.0  # monotonic
     admitted: bool = False
     error: BaseException | None = None
 
@@ -68,6 +70,7 @@ class SlotView:
     swapping: bool
     active: int
     queue: Sequence[Ticket]  # waiting tickets in arrival order
+    drain_expired: bool = False  # the head of the queue has waited out the drain timeout
 
 
 def decide(view: SlotView, ticket: Ticket) -> Decision:
@@ -78,9 +81,24 @@ def decide(view: SlotView, ticket: Ticket) -> Decision:
     others_waiting = any(t.model != ticket.model for t in view.queue if t.seq < ticket.seq)
     if view.holder == ticket.model and view.holder_alive and not others_waiting:
         return Decision.ADMIT
-    if view.active == 0 and view.queue and view.queue[0] is ticket:
+    at_head = bool(view.queue) and view.queue[0] is ticket
+    if at_head and (view.active == 0 or view.drain_expired):
         return Decision.SWAP
     return Decision.WAIT
+
+
+@dataclass(frozen=True)
+class Lease(Generic[H]):
+    """A request's hold on the slot: the holder, and whether it was taken away mid-request."""
+
+    holder: H
+    generation: int
+    _preempted: dict[int, str]
+
+    @property
+    def preempted(self) -> str | None:
+        """Why the holder was stopped under this request (drain timeout), if it was."""
+        return self._preempted.get(self.generation)
 
 
 @dataclass
@@ -92,13 +110,20 @@ class SlotState(Generic[H]):
     queue: list[Ticket] = field(default_factory=list)
     last_error: str | None = None
     swaps: int = 0
+    generation: int = 0  # bumped whenever the holder changes
+    preempted: dict[int, str] = field(default_factory=dict)  # generation -> why it was cut short
 
 
 class GpuSlot(Generic[H]):
     def __init__(
-        self, effects: SlotEffects[H], *, on_swap: Callable[[str, float], None] | None = None
+        self,
+        effects: SlotEffects[H],
+        *,
+        drain_timeout_s: float | None = None,
+        on_swap: Callable[[str, float], None] | None = None,
     ) -> None:
         self._effects = effects
+        self._drain_timeout_s = drain_timeout_s
         self._on_swap = on_swap
         self._state: SlotState[H] = SlotState()
         self._changed = asyncio.Condition()
@@ -129,11 +154,11 @@ class GpuSlot(Generic[H]):
         }
 
     @asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[H]:
+    async def lease(self, model: str) -> AsyncIterator[Lease[H]]:
         """Hold `model` on the GPU for the duration of the block."""
         holder = await self._acquire(model)
         try:
-            yield holder
+            yield Lease(holder, self._state.generation, self._state.preempted)
         finally:
             async with self._changed:
                 self._state.active -= 1
@@ -142,11 +167,30 @@ class GpuSlot(Generic[H]):
     def _view(self) -> SlotView:
         state = self._state
         alive = state.holder is not None and state.holder.is_alive()
-        return SlotView(state.holder_model, alive, state.swapping, state.active, state.queue)
+        expired = False
+        if self._drain_timeout_s is not None and state.queue and state.active > 0:
+            waited = time.monotonic() - state.queue[0].queued_at
+            expired = waited >= self._drain_timeout_s
+        return SlotView(
+            state.holder_model, alive, state.swapping, state.active, state.queue, expired
+        )
+
+    async def _wait_for_change(self, ticket: Ticket) -> None:
+        """Wait for the slot to change; the head of the queue also wakes at its drain deadline."""
+        state = self._state
+        head = bool(state.queue) and state.queue[0] is ticket
+        if self._drain_timeout_s is None or state.swapping or not head:
+            await self._changed.wait()
+            return
+        remaining = ticket.queued_at + self._drain_timeout_s - time.monotonic()
+        # Never a zero timeout: wait_for would cancel Condition.wait before it released the
+        # lock, and the task that must change the state could never take it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(remaining, 0.001))
 
     async def _acquire(self, model: str) -> H:
         state = self._state
-        ticket = Ticket(model, next(self._seq))
+        ticket = Ticket(model, next(self._seq), time.monotonic())
         async with self._changed:
             state.queue.append(ticket)
             try:
@@ -163,7 +207,7 @@ class GpuSlot(Generic[H]):
                         # waiting for the same model still get it.
                         state.swapping = True
                         self._swap_task = asyncio.create_task(self._swap(model))
-                    await self._changed.wait()
+                    await self._wait_for_change(ticket)
             except BaseException:
                 if ticket.admitted:  # admitted by a swap, but cancelled before it woke up
                     state.active -= 1
@@ -177,6 +221,11 @@ class GpuSlot(Generic[H]):
         began = time.monotonic()
         try:
             if state.holder is not None:
+                if state.active > 0:  # the drain timeout ran out: cut those requests short
+                    state.preempted[state.generation] = (
+                        f"{state.holder_model} was stopped to start {model}: its requests "
+                        f"did not finish within the drain timeout ({self._drain_timeout_s:g}s)"
+                    )
                 log.info("stopping %s to start %s", state.holder_model, model)
                 await self._effects.stop(state.holder)
                 state.holder, state.holder_model = None, None
@@ -202,6 +251,9 @@ class GpuSlot(Generic[H]):
             state = self._state
             state.swapping = False
             state.holder, state.holder_model = holder, (model if holder is not None else None)
+            state.generation += 1
+            for stale in [g for g in state.preempted if g < state.generation - 64]:
+                del state.preempted[stale]  # no request of that age can still be running
             if holder is not None:
                 state.swaps += 1
                 state.last_error = None
@@ -216,6 +268,12 @@ class GpuSlot(Generic[H]):
                 else:
                     waiting.error = error
             self._changed.notify_all()
+
+    def adopt(self, model: str, holder: H) -> None:
+        """Start out with a holder found already running (before any request is served)."""
+        if self._state.holder is not None or self._state.swapping:
+            raise RuntimeError("adopt() is only for an empty slot")
+        self._state.holder, self._state.holder_model = holder, model
 
     def _idle(self) -> bool:
         return self._state.active == 0 and not self._state.swapping

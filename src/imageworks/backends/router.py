@@ -8,7 +8,7 @@ from pathlib import Path
 from imageworks.backends.base import Backend, BackendNotReady
 from imageworks.backends.llamacpp import llamacpp_launch
 from imageworks.backends.supervisor import LaunchSpec
-from imageworks.backends.vllm import vllm_launch
+from imageworks.backends.vllm import DEFAULT_LAUNCHER, vllm_launch
 from imageworks.registry.schema import KNOWN_BACKENDS, RegistryEntry
 
 
@@ -21,10 +21,12 @@ class LaunchSettings:
     log_dir: Path
     gpu_memory_utilization: float
     max_model_len: int | None
+    vllm_launcher: tuple[str, ...] = DEFAULT_LAUNCHER
     llama_server_binary: str | None = None
 
 
 def launch_spec(entry: RegistryEntry, settings: LaunchSettings) -> LaunchSpec:
+    """How to start `entry`'s server; BackendNotReady if it cannot be (weights missing...)."""
     if entry.backend == "llamacpp":
         return llamacpp_launch(
             entry,
@@ -41,13 +43,17 @@ def launch_spec(entry: RegistryEntry, settings: LaunchSettings) -> LaunchSpec:
             log_dir=settings.log_dir,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_model_len=settings.max_model_len,
+            launcher=settings.vllm_launcher,
         )
     raise BackendNotReady(f"{entry.name}: backend {entry.backend!r} is not started by the proxy")
 
 
 class BackendRouter:
-    def __init__(self, *, managed: Backend, external: Backend, vllm_single_port: bool) -> None:
+    def __init__(
+        self, *, managed: Backend, ollama: Backend, external: Backend, vllm_single_port: bool
+    ) -> None:
         self._managed = managed
+        self._ollama = ollama
         self._external = external
         self._vllm_single_port = vllm_single_port
 
@@ -57,6 +63,8 @@ class BackendRouter:
     def backend_for(self, entry: RegistryEntry) -> Backend:
         if self.is_managed(entry):
             return self._managed
+        if entry.backend == "ollama":
+            return self._ollama
         if entry.backend in KNOWN_BACKENDS:
             return self._external
         raise BackendNotReady(

@@ -213,10 +213,13 @@ class ChatService:
             native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
             num_ctx = ollama_num_ctx(entry)
             if not stream:
-                if native_ollama:
-                    completion = await self._forwarder.complete_ollama(target, body, num_ctx)
-                else:
-                    completion = await self._forwarder.complete(target, body)
+                try:
+                    if native_ollama:
+                        completion = await self._forwarder.complete_ollama(target, body, num_ctx)
+                    else:
+                        completion = await self._forwarder.complete(target, body)
+                except ProxyError as failure:
+                    raise _explain_preemption(failure, target) from failure
                 return _Completed(completion.status, completion.content, completion.parsed)
             if native_ollama:
                 upstream = await self._forwarder.open_ollama_stream(target, body, num_ctx)
@@ -256,7 +259,8 @@ class ChatService:
                     yield last
                 yield SSE_DONE
             outcome, status, error = "ok", 200, None
-        except ProxyError as failure:
+        except ProxyError as raised:
+            failure = _explain_preemption(raised, opened.upstream.target)
             outcome, status, error = "error", failure.status, failure.message
             yield sse_error(failure)
             yield SSE_DONE
@@ -331,6 +335,15 @@ async def _unless_client_leaves(
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise _ClientLeft
+
+
+def _explain_preemption(failure: ProxyError, target: Target) -> ProxyError:
+    """A request whose model was stopped under it (drain timeout) fails with that reason,
+    not with the "connection closed" it saw."""
+    reason = target.preempted()
+    if reason is None:
+        return failure
+    return BackendUnavailable(reason, code="model_swapped_out")
 
 
 def _usage(body: dict[str, Any]) -> dict[str, Any] | None:

@@ -7,6 +7,8 @@ environment; they all receive a ProxySettings.
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,12 +71,35 @@ class ProxySettings(BaseSettings):
     vllm_health_timeout_s: float = Field(default=120.0, gt=0)
     vllm_gpu_memory_utilization: float = Field(default=0.75, gt=0, le=1)
     vllm_max_model_len: int | None = Field(default=None, gt=0)
+    # How vLLM is launched (JSON list or command string), e.g. '["uv", "run", "vllm", "serve"]'.
+    vllm_launcher: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    )
+    # A native llama.cpp `llama-server` binary; unset: llama-cpp-python's `llama_cpp.server`.
+    llama_server_binary: str | None = None
+    # How long a swap waits for the old model's requests before stopping it under them.
+    drain_timeout_s: float = Field(default=120.0, gt=0)
+    # Leave the model process running at shutdown, for the next proxy to adopt.
+    leave_model_running: bool = False
     backend_log_dir: Path = Path("logs")
 
-    @field_validator("loopback_alias", "vllm_max_model_len", mode="before")
+    @field_validator("loopback_alias", "vllm_max_model_len", "llama_server_binary", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("vllm_launcher", mode="before")
+    @classmethod
+    def _parse_launcher(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not valid JSON ({exc.msg})") from exc
+            return shlex.split(text)
+        return value
 
     @field_validator("autostart_map", mode="before")
     @classmethod

@@ -172,7 +172,7 @@ class UpstreamStream:
 
     def __init__(self, response: httpx.Response, target: Target, idle_timeout_s: float) -> None:
         self._response = response
-        self._target = target
+        self.target = target
         self._idle_timeout_s = idle_timeout_s
 
     async def events(self) -> AsyncIterator[bytes]:
@@ -182,12 +182,12 @@ class UpstreamStream:
                 yield event
         except httpx.ReadTimeout:
             raise BackendTimeout(
-                f"Backend {self._target.label} sent nothing for {self._idle_timeout_s:g}s; "
+                f"Backend {self.target.label} sent nothing for {self._idle_timeout_s:g}s; "
                 "the stream was ended.",
                 code="stream_idle_timeout",
             ) from None
         except httpx.HTTPError as exc:
-            raise translate(exc, self._target) from exc
+            raise translate(exc, self.target) from exc
 
     async def _events(self) -> AsyncIterator[bytes]:
         """The backend's SSE events, cut at event boundaries, byte for byte as sent."""
@@ -227,7 +227,7 @@ class OllamaUpstreamStream(UpstreamStream):
                 parsed = json.loads(line)
             except ValueError:
                 raise BadGateway(
-                    f"Backend {self._target.label} sent a line that is not JSON.",
+                    f"Backend {self.target.label} sent a line that is not JSON.",
                     code="bad_upstream_response",
                 ) from None
             for chunk in self._translator.translate(parsed):

@@ -9,11 +9,20 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from imageworks.backends.autostart import Autostarter
 from imageworks.backends.base import BackendNotReady
 from imageworks.backends.external import ExternalBackend
 from imageworks.backends.gpu import GpuSlot
-from imageworks.backends.managed import ManagedBackend, ProcessEffects
+from imageworks.backends.managed import (
+    GpuEffects,
+    GpuHolder,
+    ManagedBackend,
+    OllamaBackend,
+    adopt_running_model,
+)
+from imageworks.backends.ollama import OllamaManager
 from imageworks.backends.router import BackendRouter, LaunchSettings, launch_spec
+from imageworks.backends.state import AdoptedProcess, StateFile
 from imageworks.backends.supervisor import LaunchSpec, ManagedProcess
 from imageworks.chat_proxy.catalog import Catalog
 from imageworks.chat_proxy.chat import ChatRules, ChatService
@@ -25,6 +34,7 @@ from imageworks.chat_proxy.observe import Metrics, RequestLog
 from imageworks.config import RegistrySettings
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.installed import HttpServedModels
+from imageworks.registry.schema import RegistryEntry
 from imageworks.registry.store import RegistryStore
 
 log = logging.getLogger("imageworks.chat_proxy")
@@ -35,9 +45,10 @@ class Services:
     settings: ProxySettings
     started: float
     catalog: Catalog
-    slot: GpuSlot[ManagedProcess]
+    slot: GpuSlot[GpuHolder]
     chat: ChatService
     metrics: Metrics
+    state_file: StateFile
 
 
 @contextlib.asynccontextmanager
@@ -60,26 +71,63 @@ async def running_services(
         log_dir=settings.backend_log_dir,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
         max_model_len=settings.vllm_max_model_len,
+        vllm_launcher=tuple(settings.vllm_launcher),
+        llama_server_binary=settings.llama_server_binary,
     )
 
-    def spec_for(model: str) -> LaunchSpec:
+    def spec_for(model: str) -> tuple[LaunchSpec, RegistryEntry]:
         entry = catalog.entry(model)
         if entry is None:
             raise BackendNotReady(f"{model}: no longer in the registry")
-        return launch_spec(entry, launches)
+        return launch_spec(entry, launches), entry
 
+    client = new_client()
     metrics = Metrics(settings.metrics_window_s)
-    effects = ProcessEffects(
+    state_file = StateFile(settings.vllm_state_path)
+    ollama_managers: dict[str, OllamaManager] = {}
+
+    def ollama(root: str) -> OllamaManager:
+        if root not in ollama_managers:
+            timeout = min(settings.backend_timeout_s, 10.0)
+            ollama_managers[root] = OllamaManager(root, client, request_timeout_s=timeout)
+        return ollama_managers[root]
+
+    effects = GpuEffects(
         spec_for,
+        state_file,
+        ollama,
+        registry.ollama_host,
         start_timeout_s=settings.vllm_start_timeout_s,
         stop_timeout_s=settings.vllm_stop_timeout_s,
     )
-    slot: GpuSlot[ManagedProcess] = GpuSlot(
-        effects, on_swap=lambda _model, seconds: metrics.record_swap(seconds)
+    slot: GpuSlot[GpuHolder] = GpuSlot(
+        effects,
+        drain_timeout_s=settings.drain_timeout_s,
+        on_swap=lambda _model, seconds: metrics.record_swap(seconds),
+    )
+    if settings.vllm_single_port:
+        adopted = await adopt_running_model(
+            state_file,
+            lambda name: catalog.entry(name) is not None,
+            settings.vllm_port,
+            settings.vllm_stop_timeout_s,
+        )
+        if adopted is not None:
+            slot.adopt(*adopted)
+    autostarter = (
+        Autostarter(
+            settings.autostart_map,
+            grace_period_s=settings.autostart_grace_period_s,
+            client=client,
+            log_dir=settings.backend_log_dir,
+        )
+        if settings.autostart_enabled
+        else None
     )
     router = BackendRouter(
         managed=ManagedBackend(slot),
-        external=ExternalBackend(registry.ollama_host, settings.loopback_alias),
+        ollama=OllamaBackend(slot, registry.ollama_host, settings.loopback_alias),
+        external=ExternalBackend(registry.ollama_host, settings.loopback_alias, autostarter),
         vllm_single_port=settings.vllm_single_port,
     )
     request_log = RequestLog(
@@ -89,28 +137,32 @@ async def running_services(
         log_prompts=settings.log_prompts,
     )
     request_log.start()
-    client = new_client()
     forwarder = Forwarder(client, settings.backend_timeout_s, settings.stream_idle_timeout_s)
     chat = ChatService(catalog, router, forwarder, request_log, metrics, chat_rules(settings))
     refresher = asyncio.create_task(catalog.keep_installed_states_fresh())
     try:
-        yield Services(settings, time.monotonic(), catalog, slot, chat, metrics)
+        yield Services(settings, time.monotonic(), catalog, slot, chat, metrics, state_file)
     finally:
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
-        await _stop_managed_model(slot, settings.vllm_stop_timeout_s)
+        if autostarter is not None:
+            await autostarter.close()
+        if settings.leave_model_running:
+            log.info("leaving the model process running for the next proxy to adopt")
+        else:
+            await _stop_managed_model(slot, settings.vllm_stop_timeout_s)
         await client.aclose()
         await asyncio.to_thread(request_log.close)
 
 
-async def _stop_managed_model(slot: GpuSlot[ManagedProcess], stop_timeout_s: float) -> None:
-    """The model process we started must not outlive us (bounded: SIGKILL as a last resort)."""
+async def _stop_managed_model(slot: GpuSlot[GpuHolder], stop_timeout_s: float) -> None:
+    """The model process we hold must not outlive us (bounded: SIGKILL as a last resort)."""
     holder = slot.holder
     try:
         await asyncio.wait_for(slot.release(), timeout=stop_timeout_s + 20)
     except TimeoutError:
-        if holder is not None:
+        if isinstance(holder, ManagedProcess | AdoptedProcess):
             log.warning("model process did not stop in time; killing it")
             holder.kill_now()
 

@@ -1,0 +1,295 @@
+"""The state file: the shared truth about the one model server process on the managed port.
+
+The proxy and the ``imageworks-loader`` CLI may run as separate processes, so what each knows in
+memory is not enough: a restarted proxy, or ``current-model`` after ``activate-model``, must find
+the server another process started and adopt it instead of orphaning it. Every change happens
+under ``StateFile.locked()``, an inter-process lock with a bounded wait.
+
+A recorded process counts as alive only if its pid exists, is not a zombie, and started at the
+recorded time (``/proc/<pid>/stat`` field 22): pids are reused, and a stale record must never make
+us signal a stranger. ``AdoptedProcess`` stops such a server through the same checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NamedTuple
+
+from imageworks.backends.supervisor import LaunchSpec, wait_port_free
+from imageworks.registry.errors import RegistryError
+from imageworks.registry.files import dump_json, exclusive_lock, write_atomic
+
+logger = logging.getLogger(__name__)
+
+OWNERS = ("proxy", "loader")
+_DEAD = ("Z", "X")  # zombie (exited, not yet reaped), dead
+_POLL_S = 0.05
+_KILL_WAIT_S = 5.0  # after SIGKILL only an uninterruptible (D-state) process takes longer
+_PORT_RELEASE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedState:
+    """One record of the state file. Invalid values raise ValueError at construction."""
+
+    entry: str
+    served_model_id: str
+    backend: str
+    port: int
+    pid: int
+    process_start: int  # start time in clock ticks since boot, /proc/<pid>/stat field 22
+    command: list[str]
+    started_at: str  # ISO 8601 with a UTC offset
+    log_path: str
+    owner: str  # "proxy" or "loader": who started the process
+
+    def __post_init__(self) -> None:
+        text = (self.entry, self.served_model_id, self.backend, self.started_at, self.log_path)
+        if not all(isinstance(value, str) and value for value in text):
+            raise ValueError("entry, served_model_id, backend, started_at, log_path must be set")
+        numbers = (self.port, self.pid, self.process_start)
+        if not all(type(value) is int for value in numbers) or not (
+            0 < self.port < 65536 and self.pid > 0 and self.process_start >= 0
+        ):
+            raise ValueError(f"invalid port {self.port!r}, pid {self.pid!r} or process_start")
+        command = self.command
+        if not (isinstance(command, list) and command and all(type(a) is str for a in command)):
+            raise ValueError(f"command must be a non-empty list of strings, not {command!r}")
+        if self.owner not in OWNERS:
+            raise ValueError(f"owner must be one of {OWNERS}, not {self.owner!r}")
+        if datetime.fromisoformat(self.started_at).tzinfo is None:
+            raise ValueError(f"started_at {self.started_at!r} has no UTC offset")
+
+    def to_json(self) -> str:
+        return dump_json(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ManagedState:
+        """Parse a record; ValueError saying what is wrong if it is not a valid one.
+
+        Unknown keys are ignored, so an older reader accepts a newer writer's record.
+        """
+        data = json.loads(text)  # JSONDecodeError is a ValueError
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, not {type(data).__name__}")
+        names = [field.name for field in fields(cls)]
+        missing = [name for name in names if name not in data]
+        if missing:
+            raise ValueError(f"missing fields: {', '.join(missing)}")
+        return cls(**{name: data[name] for name in names})
+
+
+class _Stat(NamedTuple):
+    state: str
+    pgrp: int
+    start: int
+
+
+def _read_stat(pid: int) -> _Stat | None:
+    if pid <= 0:
+        return None
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # "pid (comm) state ppid pgrp ...": comm may hold spaces and ')', so split at the last ')'.
+    rest = raw.rpartition(b")")[2].split()
+    return _Stat(rest[0].decode("ascii"), int(rest[2]), int(rest[19]))
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot; None if it does not exist or has
+    exited (a zombie, waiting for its parent to reap it)."""
+    stat = _read_stat(pid)
+    return None if stat is None or stat.state in _DEAD else stat.start
+
+
+def is_same_process(pid: int, process_start: int) -> bool:
+    """True if `pid` is alive and is the process that started at `process_start`."""
+    return process_start_ticks(pid) == process_start
+
+
+def _group_members(pgid: int) -> dict[int, int]:
+    """Live members of process group `pgid`, as pid -> start ticks."""
+    stats = ((int(name), _read_stat(int(name))) for name in os.listdir("/proc") if name.isdigit())
+    return {pid: s.start for pid, s in stats if s and s.pgrp == pgid and s.state not in _DEAD}
+
+
+class StateLockTimeout(TimeoutError):
+    """Another process held the state file's lock for longer than the timeout."""
+
+
+class StateFile:
+    """The state file at `path` and its lock `<path>.lock`.
+
+    ``locked()`` is not re-entrant and blocks the calling thread; hold it only briefly.
+    """
+
+    def __init__(self, path: Path, *, lock_timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+        self._lock_timeout_s = lock_timeout_s
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the exclusive inter-process lock; StateLockTimeout after `lock_timeout_s`."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(exclusive_lock(self.lock_path, self._lock_timeout_s))
+            except RegistryError as exc:
+                raise StateLockTimeout(
+                    f"{self.lock_path}: the model server state lock has been held elsewhere "
+                    f"(by the chat proxy or imageworks-loader) for over {self._lock_timeout_s:g} s"
+                ) from exc
+            yield
+
+    def read(self) -> ManagedState | None:
+        """The record, or None if there is none. A corrupt file is moved aside and logged."""
+        try:
+            with self.path.open("rb") as handle:
+                identity = _identity(os.fstat(handle.fileno()))
+                raw = handle.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return ManagedState.from_json(raw.decode("utf-8"))
+        except ValueError as exc:
+            reason = str(exc)
+        with contextlib.suppress(FileNotFoundError):
+            if _identity(self.path.stat()) != identity:
+                return self.read()  # replaced while we read: never move a newer file aside
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            os.rename(self.path, aside)
+            logger.warning("%s: invalid state file (%s); moved it to %s", self.path, reason, aside)
+        return None
+
+    def write(self, state: ManagedState) -> None:
+        """Replace the record atomically (temporary file + rename), creating the directory."""
+        write_atomic(self.path, state.to_json())
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def live(self) -> ManagedState | None:
+        """The record if its process is still the same live process; else clear it. Callers hold
+        ``locked()``."""
+        state = self.read()
+        if state is None or is_same_process(state.pid, state.process_start):
+            return state
+        logger.info("%s: %s (pid %d) has exited; record cleared", self.path, state.entry, state.pid)
+        self.clear()
+        return None
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_mtime_ns
+
+
+class AdoptedProcess:
+    """A live model server this proxy did not start: found in the state file after a restart, or
+    started by the loader CLI. A drop-in GPU slot holder, like ``ManagedProcess``.
+
+    It is not our child, so liveness comes from ``is_same_process`` and every signal is preceded
+    by that check: a pid that now belongs to someone else is never signalled.
+    """
+
+    def __init__(self, state: ManagedState, host: str = "127.0.0.1") -> None:
+        self.state = state
+        self.spec = LaunchSpec(
+            name=state.entry,
+            argv=tuple(state.command),
+            port=state.port,
+            log_path=Path(state.log_path),
+            host=host,
+        )
+        # Group members seen while the leader was alive; swept once it is gone, each re-checked.
+        self._members: dict[int, int] = {}
+
+    @property
+    def pid(self) -> int:
+        return self.state.pid
+
+    @property
+    def port(self) -> int:
+        return self.state.port
+
+    @property
+    def entry(self) -> str:
+        return self.state.entry
+
+    def is_alive(self) -> bool:
+        return is_same_process(self.state.pid, self.state.process_start)
+
+    async def stop(self, timeout_s: float) -> None:
+        """SIGTERM the group, SIGKILL it after timeout_s, then wait (bounded) for the port to free.
+
+        Idempotent; a process that is already gone is left alone. Cancelled → killed at once.
+        """
+        try:
+            await self._stop(timeout_s)
+        except asyncio.CancelledError:
+            self.kill_now()
+            raise
+
+    def kill_now(self) -> None:
+        """SIGKILL the group if the leader is still the same process; sweep known members."""
+        self._signal_group(signal.SIGKILL)
+        self._sweep()
+
+    async def _stop(self, timeout_s: float) -> None:
+        name, pid = self.state.entry, self.state.pid
+        if not self._signal_group(signal.SIGTERM):
+            self._sweep()
+            return
+        if not await self._wait_gone(timeout_s):
+            logger.warning(
+                "%s: still running %g s after SIGTERM; SIGKILL (pid %d)", name, timeout_s, pid
+            )
+            self._signal_group(signal.SIGKILL)
+            if not await self._wait_gone(_KILL_WAIT_S):
+                logger.error("%s: pid %d survived SIGKILL", name, pid)
+                return
+        self._sweep()
+        try:
+            await wait_port_free(self.spec.host, self.spec.port, _PORT_RELEASE_S)
+        except TimeoutError:
+            logger.warning("%s: port %d still in use after stop", name, self.spec.port)
+
+    def _signal_group(self, sig: signal.Signals) -> bool:
+        """Signal the group if its leader is still our process; False if it is gone."""
+        if not self.is_alive():
+            return False
+        self._members.update(_group_members(self.state.pid))
+        try:
+            # The server was started with start_new_session, so its pid is its group id.
+            os.killpg(self.state.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _sweep(self) -> None:
+        """SIGKILL group members that outlived the leader (workers ignoring SIGTERM)."""
+        for pid, start in self._members.items():
+            if is_same_process(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    async def _wait_gone(self, timeout_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.is_alive():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_S)
+        return True
