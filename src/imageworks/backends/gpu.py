@@ -18,6 +18,7 @@ import enum
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class SlotState(Generic[H]):
     last_error: str | None = None
     swaps: int = 0
     generation: int = 0  # bumped whenever the holder changes
+    history: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=200))
     preempted: dict[int, str] = field(default_factory=dict)  # generation -> why it was cut short
 
 
@@ -151,7 +153,14 @@ class GpuSlot(Generic[H]):
             "waiting": waiting,
             "swaps": state.swaps,
             "last_error": state.last_error,
+            # (wall-clock time, event, model): every start and stop, oldest first
+            "history": [
+                {"at": at, "event": event, "model": model} for at, event, model in state.history
+            ],
         }
+
+    def _note(self, event: str, model: str | None) -> None:
+        self._state.history.append((time.time(), event, model or "-"))
 
     @asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[Lease[H]]:
@@ -227,10 +236,14 @@ class GpuSlot(Generic[H]):
                         f"did not finish within the drain timeout ({self._drain_timeout_s:g}s)"
                     )
                 log.info("stopping %s to start %s", state.holder_model, model)
+                self._note("stopping", state.holder_model)
                 await self._effects.stop(state.holder)
+                self._note("stopped", state.holder_model)
                 state.holder, state.holder_model = None, None
+            self._note("starting", model)
             holder = await self._effects.start(model)
         except BackendNotReady as exc:
+            self._note("failed", model)
             await self._settle(model, error=exc)
             return
         except Exception as exc:  # an effect bug must not leave waiters hanging forever
@@ -238,6 +251,7 @@ class GpuSlot(Generic[H]):
             await self._settle(model, error=BackendNotReady(f"{model}: start failed: {exc}"))
             return
         duration = time.monotonic() - began
+        self._note("ready", model)
         await self._settle(model, holder=holder)
         log.info("%s is ready (swap took %.1fs)", model, duration)
         if self._on_swap is not None:
@@ -282,13 +296,15 @@ class GpuSlot(Generic[H]):
         """Stop the holder once its requests have finished (admin stop, shutdown)."""
         async with self._changed:
             await self._changed.wait_for(self._idle)
-            holder = self._state.holder
+            holder, holder_model = self._state.holder, self._state.holder_model
             self._state.holder, self._state.holder_model = None, None
             self._state.swapping = holder is not None
         if holder is None:
             return
         try:
+            self._note("stopping", str(holder_model))
             await self._effects.stop(holder)
+            self._note("stopped", str(holder_model))
         finally:
             async with self._changed:
                 self._state.swapping = False

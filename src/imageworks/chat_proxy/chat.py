@@ -159,6 +159,19 @@ class ChatService:
         self._finish(exchange, opened.status, "ok", None)
         return Response(content, status_code=opened.status, media_type="application/json")
 
+    async def activate(self, model: str) -> None:
+        """Make `model`'s backend ready without a request (the admin endpoint); ProxyErrors."""
+        try:
+            view = await self._catalog.view()
+        except RegistryError as exc:
+            raise BackendUnavailable(f"The model registry cannot be read: {exc}") from exc
+        entry = self._catalog.resolve(view, model)
+        try:
+            async with self._router.backend_for(entry).lease(entry):
+                pass
+        except BackendNotReady as exc:
+            raise BackendUnavailable(str(exc), code="backend_not_ready") from exc
+
     async def _prepare(
         self, body: dict[str, Any], entry: RegistryEntry, registry_dir: Path
     ) -> dict[str, Any]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from imageworks.chat_proxy.protocol import NotFoundError, ProxyError
+from imageworks.chat_proxy.protocol import InvalidRequest, NotFoundError, ProxyError
 from imageworks.chat_proxy.services import Services
 
 router = APIRouter(prefix="/v1")
@@ -59,3 +62,42 @@ async def metrics(request: Request) -> Response:
         )
         return JSONResponse(error.body(), status_code=error.status)
     return JSONResponse({**services.metrics.snapshot(), "slot": services.slot.status()})
+
+
+# -- admin: the GPU slot, for `imageworks-loader activate-model/current-model` -----------------
+
+
+async def _admin_status(services: Services) -> dict[str, Any]:
+    def read_state() -> dict[str, Any] | None:
+        with services.state_file.locked():
+            state = services.state_file.read()
+        return dataclasses.asdict(state) if state else None
+
+    return {"slot": services.slot.status(), "state_file": await asyncio.to_thread(read_state)}
+
+
+@router.get("/admin/status")
+async def admin_status(request: Request) -> dict[str, Any]:
+    return await _admin_status(_services(request))
+
+
+@router.post("/admin/activate")
+async def admin_activate(request: Request) -> Response:
+    """Load a model now (as a request for it would), and answer once it is ready."""
+    services = _services(request)
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise InvalidRequest('The body must be {"model": "<name>"}.', param="model")
+    await services.chat.activate(body["model"])
+    return JSONResponse(await _admin_status(services))
+
+
+@router.post("/admin/stop")
+async def admin_stop(request: Request) -> Response:
+    """Stop the model holding the GPU, once its requests have finished."""
+    services = _services(request)
+    await services.slot.release()
+    return JSONResponse(await _admin_status(services))

@@ -5,6 +5,8 @@
     imageworks-loader verify [NAME]
     imageworks-loader lock NAME
     imageworks-loader unlock NAME
+    imageworks-loader activate-model NAME | --stop
+    imageworks-loader current-model
 
 Errors are one line on stderr and a non-zero exit: 1 for a failed command, 2 for bad usage.
 """
@@ -21,7 +23,19 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from imageworks.backends.router import LaunchSettings
+from imageworks.backends.state import StateFile, StateLockTimeout
+from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
 from imageworks.config import RegistrySettings
+from imageworks.model_loader.activation import (
+    ActivationError,
+    activate,
+    current,
+    proxy_url,
+    state_json,
+    stop,
+    via_proxy,
+)
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.installed import HttpServedModels, Installed, installed_states
 from imageworks.registry.naming import NameIndex, display_name, logical_slug
@@ -68,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     lock.add_argument("name")
     unlock = commands.add_parser("unlock", help="stop enforcing the entry's version lock")
     unlock.add_argument("name")
+
+    activate = commands.add_parser(
+        "activate-model", help="start a vLLM/llama.cpp model on the managed port (or --stop)"
+    )
+    activate.add_argument("name", nargs="?", help="the model to start")
+    activate.add_argument("--stop", action="store_true", help="stop the running model")
+    commands.add_parser("current-model", help="show the model holding the managed port")
     return parser
 
 
@@ -84,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler(args, store, snapshot, settings, sys.stdout)
     except CommandFailed as failure:
         print(f"{PROG}: {failure}", file=sys.stderr)
+        return 1
+    except (ActivationError, StateLockTimeout) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except (RegistryError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -223,7 +247,88 @@ def _unlock(
     out.write(f"unlocked {entry.name}\n")
 
 
-_COMMANDS = {"list": _list, "show": _show, "verify": _verify, "lock": _lock, "unlock": _unlock}
+def _activate_model(
+    args: argparse.Namespace,
+    store: RegistryStore,
+    snapshot: RegistrySnapshot,
+    settings: RegistrySettings,
+    out: TextIO,
+) -> None:
+    proxy = _proxy_settings()
+    url = proxy_url(proxy)
+    if args.stop or (args.name or "").lower() in ("none", "stop"):
+        if url is not None:
+            status = via_proxy(url, "POST", "/v1/admin/stop")
+            out.write(f"stopped the model served by the proxy at {url}\n")
+            out.write(json.dumps(status, indent=2) + "\n")
+            return
+        stopped = stop(StateFile(proxy.vllm_state_path), proxy.vllm_stop_timeout_s)
+        out.write(
+            f"stopped {stopped.entry} (pid {stopped.pid})\n"
+            if stopped
+            else "no model was running\n"
+        )
+        return
+    if not args.name:
+        raise CommandFailed("activate-model needs a model name, or --stop")
+    entry = NameIndex(snapshot.entries).resolve(args.name)
+    if url is not None:
+        status = via_proxy(url, "POST", "/v1/admin/activate", {"model": entry.name})
+        out.write(json.dumps(status, indent=2) + "\n")
+        return
+    if entry.backend not in ("vllm", "llamacpp") or (
+        entry.backend == "vllm" and not proxy.vllm_single_port
+    ):
+        raise CommandFailed(
+            f"{entry.name} is served by {entry.backend!r}, which the proxy does not start "
+            "(only vllm and llamacpp entries, with CHAT_PROXY_VLLM_SINGLE_PORT=1)"
+        )
+    launches = LaunchSettings(
+        registry_dir=store.directory,
+        port=proxy.vllm_port,
+        log_dir=proxy.backend_log_dir,
+        gpu_memory_utilization=proxy.vllm_gpu_memory_utilization,
+        max_model_len=proxy.vllm_max_model_len,
+        vllm_launcher=tuple(proxy.vllm_launcher),
+        llama_server_binary=proxy.llama_server_binary,
+    )
+    state = activate(entry, proxy, launches, settings.ollama_host)
+    out.write(json.dumps(state_json(state), indent=2) + "\n")
+
+
+def _current_model(
+    args: argparse.Namespace,
+    store: RegistryStore,
+    snapshot: RegistrySnapshot,
+    settings: RegistrySettings,
+    out: TextIO,
+) -> None:
+    proxy = _proxy_settings()
+    url = proxy_url(proxy)
+    if url is not None:
+        status = via_proxy(url, "GET", "/v1/admin/status")
+        out.write(json.dumps({"proxy": url, **status}, indent=2) + "\n")
+        return
+    state = current(StateFile(proxy.vllm_state_path))
+    out.write(json.dumps(state_json(state), indent=2) + "\n")
+
+
+def _proxy_settings() -> ProxySettings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise CommandFailed(f"configuration error: {exc}") from exc
+
+
+_COMMANDS = {
+    "list": _list,
+    "show": _show,
+    "verify": _verify,
+    "lock": _lock,
+    "unlock": _unlock,
+    "activate-model": _activate_model,
+    "current-model": _current_model,
+}
 
 
 # -- helpers -----------------------------------------------------------------------------------

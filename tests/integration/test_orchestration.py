@@ -1,0 +1,290 @@
+"""The GPU slot with real llama.cpp processes, the state file, the loader's activate-model /
+current-model, and Ollama coordination (fake Ollama), through the real console scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import REPO_ROOT, read_json, write_json
+from support.fake_ollama import FakeOllama, dead_url
+from support.proxy_process import Workspace, pid_alive, processes_listening_on
+
+pytestmark = pytest.mark.timeout(300)
+
+SMOL = "smollm2 135m (Q4 1)"
+GEMMA = "gemma3 270m (Q4 K M)"
+SMOL_ENTRY = "smollm2_135m_(Q4_1)"
+GEMMA_ENTRY = "gemma3_270m_(Q4_K_M)"
+
+
+@pytest.fixture
+def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "model_registry.curated.json", tmp_path / "configs")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "demo").symlink_to(demo_models)
+    workspace = Workspace(tmp_path)
+    yield workspace
+    for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
+        os.killpg(pid, signal.SIGKILL)
+
+
+def add_entries(ws: Workspace, *entries: dict[str, Any]) -> None:
+    path = ws.root / "configs" / "model_registry.curated.json"
+    write_json(path, [*read_json(path), *entries])
+
+
+def wait_dead(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"pid {pid} is still alive"
+        time.sleep(0.05)
+
+
+def test_loader_activate_current_and_stop_without_a_proxy(ws: Workspace) -> None:
+    started = ws.loader("activate-model", SMOL)
+    assert started.returncode == 0, started.stderr
+    state = json.loads(started.stdout)
+    assert state["entry"] == SMOL_ENTRY
+    assert state["owner"] == "loader"
+    assert state["port"] == ws.model_port
+    assert pid_alive(state["pid"])
+
+    current = json.loads(ws.loader("current-model").stdout)
+    assert current["pid"] == state["pid"]
+
+    swapped = json.loads(ws.loader("activate-model", GEMMA).stdout)
+    assert swapped["entry"] == GEMMA_ENTRY
+    assert not pid_alive(state["pid"])
+    assert processes_listening_on(ws.model_port) == [swapped["pid"]]
+
+    stopped = ws.loader("activate-model", "--stop")
+    assert stopped.returncode == 0
+    assert GEMMA_ENTRY in stopped.stdout
+    assert not pid_alive(swapped["pid"])
+    assert json.loads(ws.loader("current-model").stdout) is None
+
+
+def test_loader_refuses_entries_it_cannot_start(ws: Workspace) -> None:
+    result = ws.loader("activate-model", "qwen3 8b (Q4 K M)")  # an Ollama entry
+    assert result.returncode == 1
+    assert "ollama" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_proxy_adopts_a_model_the_loader_started(ws: Workspace) -> None:
+    state = json.loads(ws.loader("activate-model", SMOL).stdout)
+    proxy = ws.start_proxy()
+    try:
+        slot = proxy.health()["slot"]
+        assert slot["holder"] == SMOL_ENTRY
+        assert slot["pid"] == state["pid"]
+
+        assert proxy.chat(SMOL, max_tokens=4).status_code == 200
+        slot = proxy.health()["slot"]
+        assert slot["pid"] == state["pid"]
+        assert slot["swaps"] == 0  # no second start
+        assert processes_listening_on(ws.model_port) == [state["pid"]]
+
+        via_proxy = json.loads(ws.loader("current-model").stdout)
+        assert via_proxy["proxy"] == proxy.url
+        assert via_proxy["slot"]["holder"] == SMOL_ENTRY
+
+        assert ws.loader("activate-model", GEMMA).returncode == 0  # through the proxy's slot
+        assert proxy.health()["slot"]["holder"] == GEMMA_ENTRY
+        assert not pid_alive(state["pid"])
+        gemma_pid = proxy.health()["slot"]["pid"]
+    finally:
+        proxy.terminate()
+    assert not pid_alive(gemma_pid)
+    assert json.loads(ws.loader("current-model").stdout) is None
+
+
+def test_restarted_proxy_adopts_the_live_process(ws: Workspace) -> None:
+    first = ws.start_proxy()
+    assert first.chat(SMOL, max_tokens=4).status_code == 200
+    pid = first.health()["slot"]["pid"]
+    first.kill()  # SIGKILL: no shutdown, the model process keeps running
+    assert pid_alive(pid)
+
+    second = ws.start_proxy()
+    try:
+        slot = second.health()["slot"]
+        assert slot["holder"] == SMOL_ENTRY
+        assert slot["pid"] == pid
+        assert second.chat(SMOL, max_tokens=4).status_code == 200
+        assert second.health()["slot"]["swaps"] == 0
+        assert processes_listening_on(ws.model_port) == [pid]  # no orphan, no second start
+    finally:
+        second.terminate()
+    assert not pid_alive(pid)
+
+
+def test_killed_model_process_is_restarted_by_the_next_request(ws: Workspace) -> None:
+    proxy = ws.start_proxy()
+    try:
+        assert proxy.chat(SMOL, max_tokens=4).status_code == 200
+        pid = proxy.health()["slot"]["pid"]
+        os.killpg(pid, signal.SIGKILL)
+        wait_dead(pid)
+        response = proxy.chat(SMOL, max_tokens=4)
+        assert response.status_code == 200
+        new_pid = proxy.health()["slot"]["pid"]
+        assert new_pid != pid
+        assert pid_alive(new_pid)
+    finally:
+        proxy.terminate()
+
+
+def test_corrupt_state_file_is_moved_aside(ws: Workspace) -> None:
+    state = ws.root / "_staging" / "active_vllm.json"
+    state.parent.mkdir()
+    state.write_text("{ this is not json")
+    proxy = ws.start_proxy()
+    try:
+        assert proxy.health()["slot"]["holder"] is None
+        assert proxy.chat(SMOL, max_tokens=4).status_code == 200
+    finally:
+        proxy.terminate()
+    aside = list(state.parent.glob("active_vllm.json.corrupt-*"))
+    assert len(aside) == 1
+    assert aside[0].read_text() == "{ this is not json"
+    assert "corrupt" in (ws.root / "proxy.out").read_text()
+
+
+def test_start_failure_is_503_with_the_log_tail_and_an_empty_slot(ws: Workspace) -> None:
+    junk = ws.root / "models" / "junk.gguf"
+    junk.write_bytes(b"this is not a model")
+    add_entries(
+        ws,
+        {
+            "name": "broken",
+            "backend": "llamacpp",
+            "download_path": "../models/junk.gguf",
+            "backend_config": {"extra_args": ["--chat_format", "chatml"]},
+        },
+    )
+    proxy = ws.start_proxy()
+    try:
+        for _attempt in range(2):  # a failed start does not stick: the next request tries again
+            response = proxy.chat("broken", max_tokens=4)
+            assert response.status_code == 503
+            error = response.json()["error"]
+            assert "broken could not be started" in error["message"]
+            assert "junk.gguf" in error["message"]  # the backend's own words, from its log
+        slot = proxy.health()["slot"]
+        assert slot["holder"] is None
+        assert "broken" in slot["last_error"]
+        starts = [e for e in slot["history"] if e["event"] == "starting"]
+        assert len(starts) == 2
+        assert proxy.chat(SMOL, max_tokens=4).status_code == 200  # the slot still works
+    finally:
+        proxy.terminate()
+
+
+def test_start_slower_than_the_timeout_is_503_and_leaves_nothing(ws: Workspace) -> None:
+    ws.extra_env["CHAT_PROXY_VLLM_START_TIMEOUT_S"] = "0.2"
+    proxy = ws.start_proxy()
+    try:
+        response = proxy.chat(SMOL, max_tokens=4)
+        assert response.status_code == 503
+        assert "did not become ready within 0.2 s" in response.json()["error"]["message"]
+        assert proxy.health()["slot"]["holder"] is None
+        assert processes_listening_on(ws.model_port) == []
+    finally:
+        proxy.terminate()
+
+
+def test_concurrent_clients_alternating_models_all_succeed_without_overlap(
+    ws: Workspace,
+) -> None:
+    clients, rounds = 8, 3
+    proxy = ws.start_proxy()
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        for turn in range(rounds):
+            model = (SMOL, GEMMA)[(number + turn) % 2]
+            status = proxy.chat(model, max_tokens=4).status_code
+            with lock:
+                statuses.append(status)
+
+    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=280)
+        slot = proxy.health()["slot"]
+    finally:
+        proxy.terminate()
+
+    assert statuses == [200] * (clients * rounds)
+    running: set[str] = set()
+    for event in slot["history"]:  # at most one holder at any moment
+        if event["event"] == "starting":
+            assert running == set(), f"{event['model']} started while {running} ran"
+        elif event["event"] == "ready":
+            running.add(event["model"])
+        elif event["event"] == "stopped":
+            running.discard(event["model"])
+    # Requests for the same model are served in batches: far fewer swaps than requests.
+    assert slot["swaps"] <= 2 * rounds + 1
+
+
+def test_ollama_and_model_servers_take_turns_on_the_gpu(ws: Workspace) -> None:
+    with FakeOllama(installed=["qwen3:8b"]) as ollama:
+        ws.extra_env["IMAGEWORKS_OLLAMA_HOST"] = ollama.url
+        add_entries(
+            ws,
+            {
+                "name": "qwen3-local",
+                "backend": "ollama",
+                "served_model_id": "qwen3:8b",
+                "capabilities": {"tools": True},
+            },
+        )
+        proxy = ws.start_proxy()
+        try:
+            assert proxy.chat("qwen3-local").status_code == 200
+            assert ollama.loaded == {"qwen3:8b"}
+
+            assert proxy.chat(SMOL, max_tokens=4).status_code == 200  # Ollama -> model server
+            assert ollama.unload_requests == ["qwen3:8b"]
+            assert ollama.loaded == set()
+            history = [(e["event"], e["model"]) for e in proxy.health()["slot"]["history"]]
+            assert history.index(("stopped", f"@ollama {ollama.url}")) < history.index(
+                ("starting", SMOL_ENTRY)
+            )
+            pid = proxy.health()["slot"]["pid"]
+
+            assert proxy.chat("qwen3-local").status_code == 200  # model server -> Ollama
+            assert not pid_alive(pid)
+            assert processes_listening_on(ws.model_port) == []
+            assert ollama.loaded == {"qwen3:8b"}
+        finally:
+            proxy.terminate()
+
+
+def test_ollama_down_is_503_for_ollama_entries_only(ws: Workspace) -> None:
+    ws.extra_env["IMAGEWORKS_OLLAMA_HOST"] = dead_url()
+    add_entries(ws, {"name": "qwen3-local", "backend": "ollama", "served_model_id": "qwen3:8b"})
+    proxy = ws.start_proxy()
+    try:
+        response = proxy.chat("qwen3-local")
+        assert response.status_code == 503
+        assert "Ollama" in response.json()["error"]["message"]
+        assert proxy.chat(SMOL, max_tokens=4).status_code == 200  # not blocked by Ollama
+    finally:
+        proxy.terminate()

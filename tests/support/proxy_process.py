@@ -1,0 +1,120 @@
+"""The real `imageworks-chat-proxy` console script as a child process, and process checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SCRIPTS = Path(sys.executable).parent
+PROXY = SCRIPTS / "imageworks-chat-proxy"
+LOADER = SCRIPTS / "imageworks-loader"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def processes_listening_on(port: int) -> list[int]:
+    """Pids of model servers started with `--port <port>` (the process table, not our memory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--port" in argv and str(port).encode() in argv and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+@dataclass
+class Workspace:
+    """A directory with configs/ (the registry) to run the proxy and loader in."""
+
+    root: Path
+    proxy_port: int = field(default_factory=free_port)
+    model_port: int = field(default_factory=free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CHAT_PROXY_PORT": str(self.proxy_port),
+            "CHAT_PROXY_VLLM_PORT": str(self.model_port),
+            "IMAGEWORKS_OLLAMA_HOST": "http://127.0.0.1:9",
+            **self.extra_env,
+        }
+
+    def loader(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(LOADER), *args],
+            cwd=self.root,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    def start_proxy(self) -> RunningProxy:
+        log = (self.root / "proxy.out").open("ab")
+        process = subprocess.Popen(
+            [str(PROXY)], cwd=self.root, env=self.env(), stdout=log, stderr=subprocess.STDOUT
+        )
+        proxy = RunningProxy(f"http://127.0.0.1:{self.proxy_port}", process, self.root)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                proxy.health()
+                return proxy
+            except httpx.HTTPError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((self.root / "proxy.out").read_text()) from None
+                time.sleep(0.1)
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    process: subprocess.Popen[bytes]
+    workdir: Path
+
+    def health(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/v1/health", timeout=5)
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    def chat(self, model: str, **extra: Any) -> httpx.Response:
+        payload = {"model": model, "messages": [{"role": "user", "content": "ping"}], **extra}
+        return httpx.post(f"{self.url}/v1/chat/completions", json=payload, timeout=180)
+
+    def terminate(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=120)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
