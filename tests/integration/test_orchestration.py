@@ -7,17 +7,19 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conftest import REPO_ROOT, read_json, write_json
 from support.fake_ollama import FakeOllama, dead_url
-from support.proxy_process import Workspace, pid_alive, processes_listening_on
+from support.proxy_process import Workspace, free_port, pid_alive, processes_listening_on
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -288,3 +290,74 @@ def test_ollama_down_is_503_for_ollama_entries_only(ws: Workspace) -> None:
         assert proxy.chat(SMOL, max_tokens=4).status_code == 200  # not blocked by Ollama
     finally:
         proxy.terminate()
+
+
+def test_leave_model_running_at_shutdown_for_the_next_proxy(ws: Workspace) -> None:
+    ws.extra_env["CHAT_PROXY_LEAVE_MODEL_RUNNING"] = "1"
+    first = ws.start_proxy()
+    assert first.chat(SMOL, max_tokens=4).status_code == 200
+    pid = first.health()["slot"]["pid"]
+    first.terminate()
+    assert pid_alive(pid)
+    ws.extra_env.pop("CHAT_PROXY_LEAVE_MODEL_RUNNING")
+    second = ws.start_proxy()
+    try:
+        assert second.health()["slot"]["pid"] == pid
+    finally:
+        second.terminate()
+    assert not pid_alive(pid)
+
+
+UPSTREAM_SCRIPT = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def _send(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        message = {"role": "assistant", "content": "autostarted"}
+        self._send({"id": "x", "object": "chat.completion", "created": 0, "model": "tiny",
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_autostart_runs_the_command_for_a_down_external_backend(ws: Workspace) -> None:
+    port = free_port()
+    add_entries(
+        ws,
+        {
+            "name": "tiny-remote",
+            "backend": "external",
+            "served_model_id": "tiny",
+            "backend_config": {"base_url": f"http://127.0.0.1:{port}/v1"},
+        },
+    )
+    ws.extra_env["CHAT_PROXY_AUTOSTART_ENABLED"] = "1"
+    ws.extra_env["CHAT_PROXY_AUTOSTART_MAP"] = json.dumps(
+        {"tiny-remote": [sys.executable, "-c", UPSTREAM_SCRIPT, str(port)]}
+    )
+    proxy = ws.start_proxy()
+    try:
+        response = proxy.chat("tiny-remote")
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"] == "autostarted"
+    finally:
+        proxy.terminate()
+    with pytest.raises(httpx.HTTPError):  # stopped with the proxy
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)

@@ -286,3 +286,34 @@ async def test_no_drain_timeout_waits_for_the_old_requests() -> None:
 async def use_once(slot: GpuSlot[FakeModel], model: str) -> None:
     async with slot.lease(model):
         pass
+
+
+async def test_idle_ttl_releases_an_unused_holder() -> None:
+    effects = FakeEffects()
+    effects.gate("a").set()
+    slot: GpuSlot[FakeModel] = GpuSlot(effects, idle_ttl_s=lambda model: 0.05)
+    reaper = asyncio.create_task(slot.release_when_idle(check_every_s=0.01))
+    try:
+        await use_once(slot, "a")
+        assert slot.status()["holder"] == "a"
+        for _ in range(200):
+            if slot.status()["holder"] is None:
+                break
+            await asyncio.sleep(0.01)
+        assert slot.status()["holder"] is None
+        assert effects.events == ["start a", "stop a"]
+    finally:
+        reaper.cancel()
+
+
+async def test_no_idle_ttl_keeps_the_holder() -> None:
+    effects = FakeEffects()
+    effects.gate("a").set()
+    slot: GpuSlot[FakeModel] = GpuSlot(effects)
+    reaper = asyncio.create_task(slot.release_when_idle(check_every_s=0.01))
+    try:
+        await use_once(slot, "a")
+        await asyncio.sleep(0.1)
+        assert slot.status()["holder"] == "a"
+    finally:
+        reaper.cancel()

@@ -122,11 +122,14 @@ class GpuSlot(Generic[H]):
         effects: SlotEffects[H],
         *,
         drain_timeout_s: float | None = None,
+        idle_ttl_s: Callable[[str], float | None] = lambda _model: None,
         on_swap: Callable[[str, float], None] | None = None,
     ) -> None:
         self._effects = effects
         self._drain_timeout_s = drain_timeout_s
+        self._idle_ttl_s = idle_ttl_s
         self._on_swap = on_swap
+        self._last_used = time.monotonic()
         self._state: SlotState[H] = SlotState()
         self._changed = asyncio.Condition()
         self._seq = itertools.count()
@@ -171,7 +174,21 @@ class GpuSlot(Generic[H]):
         finally:
             async with self._changed:
                 self._state.active -= 1
+                self._last_used = time.monotonic()
                 self._changed.notify_all()
+
+    async def release_when_idle(self, check_every_s: float = 1.0) -> None:
+        """Background task: stop a holder nobody has used for its idle TTL (per entry
+        `ttl_s`, else the global default; no TTL means it stays loaded)."""
+        while True:
+            await asyncio.sleep(check_every_s)
+            model = self._state.holder_model
+            ttl = self._idle_ttl_s(model) if model is not None else None
+            state = self._state
+            idle = state.active == 0 and not state.swapping and not state.queue
+            if ttl is not None and idle and time.monotonic() - self._last_used >= ttl:
+                log.info("%s unused for %gs: releasing the GPU", model, ttl)
+                await self.release()
 
     def _view(self) -> SlotView:
         state = self._state

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+import httpx
+
 from imageworks.backends.base import BackendNotReady, Target
 from imageworks.backends.external import external_target
 from imageworks.backends.gpu import GpuSlot
@@ -135,11 +137,18 @@ class GpuEffects:
 
 
 async def adopt_running_model(
-    state_file: StateFile, known: Callable[[str], bool], port: int, stop_timeout_s: float
+    state_file: StateFile,
+    known: Callable[[str], bool],
+    port: int,
+    *,
+    stop_timeout_s: float,
+    health_timeout_s: float,
+    client: httpx.AsyncClient,
 ) -> tuple[str, AdoptedProcess] | None:
     """The live model server the state file records (a proxy restart, or the loader CLI
     started it), to be the slot's holder. A dead record is cleaned up; a live one this proxy
-    cannot serve (entry gone, other port) is stopped rather than left holding the GPU."""
+    cannot serve (entry gone, other port, no answer to a health call within
+    `health_timeout_s`) is stopped rather than left holding the GPU."""
 
     def read_live() -> ManagedState | None:
         with state_file.locked():
@@ -149,11 +158,13 @@ async def adopt_running_model(
     if state is None:
         return None
     process = AdoptedProcess(state)
-    if known(state.entry) and state.port == port:
+    servable = known(state.entry) and state.port == port
+    if servable and await _answers_health(process, client, health_timeout_s):
         log.info("adopting %s (pid %d) from %s", state.entry, state.pid, state_file.path)
         return state.entry, process
     log.warning(
-        "%s records %s on port %d, which this proxy cannot serve; stopping it",
+        "%s records %s on port %d, which this proxy cannot serve or which does not answer; "
+        "stopping it",
         state_file.path,
         state.entry,
         state.port,
@@ -166,6 +177,20 @@ async def adopt_running_model(
 
     await asyncio.to_thread(clear)
     return None
+
+
+async def _answers_health(
+    process: AdoptedProcess, client: httpx.AsyncClient, timeout_s: float
+) -> bool:
+    base = f"http://{process.spec.host}:{process.spec.port}"
+    for path in process.spec.health_paths:
+        try:
+            response = await client.get(base + path, timeout=timeout_s)
+        except httpx.HTTPError:
+            continue
+        if response.is_success:
+            return True
+    return False
 
 
 class ManagedBackend:

@@ -79,6 +79,8 @@ class ProxySettings(BaseSettings):
     llama_server_binary: str | None = None
     # How long a swap waits for the old model's requests before stopping it under them.
     drain_timeout_s: float = Field(default=120.0, gt=0)
+    # Release the GPU after a model has been unused this long (entries may set `ttl_s`); 0: never.
+    idle_ttl_s: float = Field(default=0.0, ge=0)
     # Leave the model process running at shutdown, for the next proxy to adopt.
     leave_model_running: bool = False
     backend_log_dir: Path = Path("logs")

@@ -100,9 +100,16 @@ async def running_services(
         start_timeout_s=settings.vllm_start_timeout_s,
         stop_timeout_s=settings.vllm_stop_timeout_s,
     )
+
+    def idle_ttl(model: str) -> float | None:
+        entry = catalog.entry(model)
+        ttl = entry.ttl_s if entry is not None and entry.ttl_s else settings.idle_ttl_s
+        return ttl or None
+
     slot: GpuSlot[GpuHolder] = GpuSlot(
         effects,
         drain_timeout_s=settings.drain_timeout_s,
+        idle_ttl_s=idle_ttl,
         on_swap=lambda _model, seconds: metrics.record_swap(seconds),
     )
     if settings.vllm_single_port:
@@ -110,7 +117,9 @@ async def running_services(
             state_file,
             lambda name: catalog.entry(name) is not None,
             settings.vllm_port,
-            settings.vllm_stop_timeout_s,
+            stop_timeout_s=settings.vllm_stop_timeout_s,
+            health_timeout_s=settings.vllm_health_timeout_s,
+            client=client,
         )
         if adopted is not None:
             slot.adopt(*adopted)
@@ -140,12 +149,14 @@ async def running_services(
     forwarder = Forwarder(client, settings.backend_timeout_s, settings.stream_idle_timeout_s)
     chat = ChatService(catalog, router, forwarder, request_log, metrics, chat_rules(settings))
     refresher = asyncio.create_task(catalog.keep_installed_states_fresh())
+    reaper = asyncio.create_task(slot.release_when_idle())
     try:
         yield Services(settings, time.monotonic(), catalog, slot, chat, metrics, state_file)
     finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        for task in (refresher, reaper):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if autostarter is not None:
             await autostarter.close()
         if settings.leave_model_running:

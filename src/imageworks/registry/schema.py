@@ -108,6 +108,7 @@ class RegistryEntry(_Section):
     artifacts: Artifacts = Field(default_factory=Artifacts)
     roles: list[str] = Field(default_factory=list)
     deprecated: bool = False
+    ttl_s: float | None = Field(default=None, gt=0)  # release the GPU after this long unused
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name", "backend")
