@@ -361,3 +361,66 @@ def test_autostart_runs_the_command_for_a_down_external_backend(ws: Workspace) -
         proxy.terminate()
     with pytest.raises(httpx.HTTPError):  # stopped with the proxy
         httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+
+
+def test_requests_arriving_mid_swap_wait_and_succeed(ws: Workspace) -> None:
+    proxy = ws.start_proxy()
+    results: dict[str, int] = {}
+
+    def ask(tag: str, model: str) -> None:
+        results[tag] = proxy.chat(model, max_tokens=4).status_code
+
+    try:
+        first = threading.Thread(target=ask, args=("first", SMOL))
+        first.start()
+        deadline = time.monotonic() + 60
+        while proxy.health()["slot"]["state"] != "swapping":
+            assert time.monotonic() < deadline, "never saw the model loading"
+            time.sleep(0.01)
+        latecomers = [
+            threading.Thread(target=ask, args=("same", SMOL)),
+            threading.Thread(target=ask, args=("other", GEMMA)),
+        ]
+        for thread in latecomers:
+            thread.start()
+        for thread in [first, *latecomers]:
+            thread.join(timeout=120)
+    finally:
+        proxy.terminate()
+    assert results == {"first": 200, "same": 200, "other": 200}
+
+
+def test_drain_timeout_cuts_a_long_request_with_a_clear_error(ws: Workspace) -> None:
+    ws.extra_env["CHAT_PROXY_DRAIN_TIMEOUT_S"] = "1"
+    ws.extra_env["CHAT_PROXY_VLLM_STOP_TIMEOUT_S"] = "1"  # llama.cpp finishes generating on TERM
+    proxy = ws.start_proxy()
+    events: list[str] = []
+
+    def long_stream() -> None:
+        payload = {
+            "model": GEMMA,  # a base model: it keeps going until max_tokens
+            "messages": [{"role": "user", "content": "Tell me everything."}],
+            "max_tokens": 900,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", f"{proxy.url}/v1/chat/completions", json=payload, timeout=120
+        ) as response:
+            events.extend(line for line in response.iter_lines() if line.startswith("data:"))
+
+    try:
+        streamer = threading.Thread(target=long_stream)
+        streamer.start()
+        deadline = time.monotonic() + 60
+        while len(events) < 3:  # the long answer is under way
+            assert time.monotonic() < deadline
+            assert streamer.is_alive()
+            time.sleep(0.01)
+        assert proxy.chat(SMOL, max_tokens=4).status_code == 200  # waited 1 s, then swapped
+        streamer.join(timeout=60)
+    finally:
+        proxy.terminate()
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][5:])["error"]
+    assert error["code"] == "model_swapped_out"
+    assert "drain timeout" in error["message"]

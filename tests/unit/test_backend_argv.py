@@ -8,6 +8,7 @@ import pytest
 from imageworks.backends.argv import merge_args
 from imageworks.backends.base import BackendNotReady
 from imageworks.backends.llamacpp import llamacpp_argv, llamacpp_launch
+from imageworks.backends.router import BackendRouter
 from imageworks.backends.vllm import vllm_argv
 from imageworks.registry.schema import RegistryEntry
 
@@ -127,3 +128,35 @@ def test_vllm_argv_refuses_missing_weights(tmp_path: Path) -> None:
             gpu_memory_utilization=0.9,
             max_model_len=None,
         )
+
+
+@pytest.mark.parametrize(
+    ("backend", "single_port", "chosen"),
+    [
+        ("llamacpp", True, "managed"),
+        ("vllm", True, "managed"),
+        ("vllm", False, "external"),  # orchestration off: its own backend_config URL
+        ("ollama", True, "ollama"),
+        ("external", True, "external"),
+    ],
+)
+def test_router_picks_the_backend(backend: str, single_port: bool, chosen: str) -> None:
+    backends: dict[str, Any] = {name: object() for name in ("managed", "ollama", "external")}
+    router = BackendRouter(
+        managed=backends["managed"],
+        ollama=backends["ollama"],
+        external=backends["external"],
+        vllm_single_port=single_port,
+    )
+    assert router.backend_for(_entry(backend)) is backends[chosen]
+
+
+def test_router_refuses_unknown_backends() -> None:
+    router = BackendRouter(
+        managed=object(),  # type: ignore[arg-type]
+        ollama=object(),  # type: ignore[arg-type]
+        external=object(),  # type: ignore[arg-type]
+        vllm_single_port=True,
+    )
+    with pytest.raises(BackendNotReady, match="'triton' is not supported"):
+        router.backend_for(_entry("triton"))
