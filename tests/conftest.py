@@ -49,12 +49,17 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models
 
 
-@pytest.fixture
-def demo_registry(tmp_path: Path, demo_models: Path) -> Path:
-    """A copy of the bundled demo registry whose `../models/demo/...` paths find the models."""
-    configs = tmp_path / "configs"
+def make_demo_workspace(root: Path, demo_models: Path) -> Path:
+    """`root/configs`: a copy of the bundled demo registry, whose `../models/demo/...` paths
+    find the prepared models. Returns the registry directory."""
+    configs = root / "configs"
     configs.mkdir()
     shutil.copy(REPO_ROOT / "configs" / "model_registry.curated.json", configs)
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "demo").symlink_to(demo_models)
+    (root / "models").mkdir()
+    (root / "models" / "demo").symlink_to(demo_models)
     return configs
+
+
+@pytest.fixture
+def demo_registry(tmp_path: Path, demo_models: Path) -> Path:
+    return make_demo_workspace(tmp_path, demo_models)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -17,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import REPO_ROOT, read_json, write_json
+from conftest import make_demo_workspace, read_json, write_json
 from support.fake_ollama import FakeOllama, dead_url
 from support.proxy_process import Workspace, free_port, pid_alive, processes_listening_on
 
@@ -31,10 +30,7 @@ GEMMA_ENTRY = "gemma3_270m_(Q4_K_M)"
 
 @pytest.fixture
 def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
-    (tmp_path / "configs").mkdir()
-    shutil.copy(REPO_ROOT / "configs" / "model_registry.curated.json", tmp_path / "configs")
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "demo").symlink_to(demo_models)
+    make_demo_workspace(tmp_path, demo_models)
     workspace = Workspace(tmp_path)
     yield workspace
     for pid in processes_listening_on(workspace.model_port):  # never leave a model behind

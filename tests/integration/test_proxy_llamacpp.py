@@ -6,100 +6,33 @@ The tests share one proxy and run in order: they walk through what a user does."
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import REPO_ROOT
+from conftest import make_demo_workspace
+from support.proxy_process import RunningProxy, Workspace, pid_alive
 
 pytestmark = pytest.mark.timeout(180)
 
 SMOL = "smollm2 135m (Q4 1)"
 GEMMA = "gemma3 270m (Q4 K M)"
-SCRIPT = Path(sys.executable).parent / "imageworks-chat-proxy"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-@dataclass
-class RunningProxy:
-    url: str
-    process: subprocess.Popen[bytes]
-    workdir: Path
-
-    def health(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.url}/v1/health", timeout=5)
-        response.raise_for_status()
-        body: dict[str, Any] = response.json()
-        return body
-
-    def chat(self, model: str, **extra: Any) -> httpx.Response:
-        payload = {"model": model, "messages": [{"role": "user", "content": "ping"}], **extra}
-        return httpx.post(
-            f"{self.url}/v1/chat/completions",
-            json=payload,
-            headers={"Authorization": "Bearer EMPTY"},
-            timeout=120,
-        )
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iterator[RunningProxy]:
     workdir = tmp_path_factory.mktemp("proxy")
-    (workdir / "configs").mkdir()
-    shutil.copy(REPO_ROOT / "configs" / "model_registry.curated.json", workdir / "configs")
-    (workdir / "models").mkdir()
-    (workdir / "models" / "demo").symlink_to(demo_models)
-    port = free_port()
-    env = {
-        **os.environ,
-        "CHAT_PROXY_PORT": str(port),
-        "CHAT_PROXY_VLLM_PORT": str(free_port()),
-        "IMAGEWORKS_OLLAMA_HOST": "http://127.0.0.1:9",
-    }
-    log = (workdir / "proxy.out").open("wb")
-    process = subprocess.Popen(
-        [str(SCRIPT)], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    running = RunningProxy(f"http://127.0.0.1:{port}", process, workdir)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            running.health()
-            break
-        except httpx.HTTPError:
-            assert process.poll() is None, (workdir / "proxy.out").read_text()
-            assert time.monotonic() < deadline, "the proxy did not come up"
-            time.sleep(0.1)
+    make_demo_workspace(workdir, demo_models)
+    running = Workspace(workdir).start_proxy()
     yield running
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    if running.process.poll() is None:
+        running.kill()
 
 
 def test_models_lists_both_demo_models(proxy: RunningProxy) -> None:

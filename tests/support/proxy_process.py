@@ -109,7 +109,12 @@ class RunningProxy:
 
     def chat(self, model: str, **extra: Any) -> httpx.Response:
         payload = {"model": model, "messages": [{"role": "user", "content": "ping"}], **extra}
-        return httpx.post(f"{self.url}/v1/chat/completions", json=payload, timeout=180)
+        return httpx.post(
+            f"{self.url}/v1/chat/completions",
+            json=payload,
+            headers={"Authorization": "Bearer EMPTY"},  # as the runbook's curl sends it
+            timeout=180,
+        )
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from imageworks.backends.autostart import Autostarter
 from imageworks.backends.base import BackendNotReady
@@ -65,15 +66,7 @@ async def running_services(
     await catalog.view()  # fail start-up now if the registry cannot be read at all
     await asyncio.to_thread(_refresh_merged_file, store)
 
-    launches = LaunchSettings(
-        registry_dir=registry.registry_dir,
-        port=settings.vllm_port,
-        log_dir=settings.backend_log_dir,
-        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-        max_model_len=settings.vllm_max_model_len,
-        vllm_launcher=tuple(settings.vllm_launcher),
-        llama_server_binary=settings.llama_server_binary,
-    )
+    launches = launch_settings(settings, registry.registry_dir)
 
     def spec_for(model: str) -> tuple[LaunchSpec, RegistryEntry]:
         entry = catalog.entry(model)
@@ -176,6 +169,19 @@ async def _stop_managed_model(slot: GpuSlot[GpuHolder], stop_timeout_s: float) -
         if isinstance(holder, ManagedProcess | AdoptedProcess):
             log.warning("model process did not stop in time; killing it")
             holder.kill_now()
+
+
+def launch_settings(settings: ProxySettings, registry_dir: Path) -> LaunchSettings:
+    """How managed model servers are started (shared with `imageworks-loader activate-model`)."""
+    return LaunchSettings(
+        registry_dir=registry_dir,
+        port=settings.vllm_port,
+        log_dir=settings.backend_log_dir,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        max_model_len=settings.vllm_max_model_len,
+        vllm_launcher=tuple(settings.vllm_launcher),
+        llama_server_binary=settings.llama_server_binary,
+    )
 
 
 def chat_rules(settings: ProxySettings) -> ChatRules:

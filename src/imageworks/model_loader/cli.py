@@ -17,15 +17,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from imageworks.backends.router import LaunchSettings
 from imageworks.backends.state import StateFile, StateLockTimeout
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
+from imageworks.chat_proxy.services import launch_settings
 from imageworks.config import RegistrySettings
 from imageworks.model_loader.activation import (
     ActivationError,
@@ -101,8 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for warning in snapshot.warnings:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
         _refresh_merged_file(store)
-        handler = _COMMANDS[args.command]
-        handler(args, store, snapshot, settings, sys.stdout)
+        _COMMANDS[args.command](Context(args, store, snapshot, settings, sys.stdout))
     except CommandFailed as failure:
         print(f"{PROG}: {failure}", file=sys.stderr)
         return 1
@@ -133,13 +133,19 @@ def _refresh_merged_file(store: RegistryStore) -> None:
 # -- commands ----------------------------------------------------------------------------------
 
 
-def _list(
-    args: argparse.Namespace,
-    store: RegistryStore,
-    snapshot: RegistrySnapshot,
-    settings: RegistrySettings,
-    out: TextIO,
-) -> None:
+@dataclass(frozen=True)
+class Context:
+    """What every command gets: its arguments, the registry, and where to print."""
+
+    args: argparse.Namespace
+    store: RegistryStore
+    snapshot: RegistrySnapshot
+    settings: RegistrySettings
+    out: TextIO
+
+
+def _list(ctx: Context) -> None:
+    args, snapshot, settings, out = ctx.args, ctx.snapshot, ctx.settings, ctx.out
     entries = [
         entry
         for entry in snapshot.entries
@@ -164,13 +170,8 @@ def _list(
         out.write("(no entries)\n")
 
 
-def _show(
-    args: argparse.Namespace,
-    store: RegistryStore,
-    snapshot: RegistrySnapshot,
-    settings: RegistrySettings,
-    out: TextIO,
-) -> None:
+def _show(ctx: Context) -> None:
+    args, snapshot, settings, out = ctx.args, ctx.snapshot, ctx.settings, ctx.out
     entry = NameIndex(snapshot.entries).resolve(args.name)
     summary = _summary(entry, _installed([entry], snapshot, settings)[entry.name])
     details = {
@@ -192,13 +193,8 @@ def _show(
     out.write(json.dumps(details["entry"], indent=2) + "\n")
 
 
-def _verify(
-    args: argparse.Namespace,
-    store: RegistryStore,
-    snapshot: RegistrySnapshot,
-    settings: RegistrySettings,
-    out: TextIO,
-) -> None:
+def _verify(ctx: Context) -> None:
+    args, store, snapshot, out = ctx.args, ctx.store, ctx.snapshot, ctx.out
     if args.name:
         targets = [NameIndex(snapshot.entries).resolve(args.name)]
     else:
@@ -222,38 +218,29 @@ def _verify(
         raise CommandFailed(f"weights changed since they were locked: {', '.join(changed)}")
 
 
-def _lock(
-    args: argparse.Namespace,
-    store: RegistryStore,
-    snapshot: RegistrySnapshot,
-    settings: RegistrySettings,
-    out: TextIO,
-) -> None:
+def _lock(ctx: Context) -> None:
+    args, store, snapshot, out = ctx.args, ctx.store, ctx.snapshot, ctx.out
     entry = NameIndex(snapshot.entries).resolve(args.name)
     result = verify_entry(entry, store.directory, TerminalProgress())
     store.update_entry(entry.name, lock_patch(result.digest, datetime.now(UTC)))
     out.write(f"locked {entry.name}  {result.digest.aggregate_sha256}\n")
 
 
-def _unlock(
-    args: argparse.Namespace,
-    store: RegistryStore,
-    snapshot: RegistrySnapshot,
-    settings: RegistrySettings,
-    out: TextIO,
-) -> None:
+def _unlock(ctx: Context) -> None:
+    args, store, snapshot, out = ctx.args, ctx.store, ctx.snapshot, ctx.out
     entry = NameIndex(snapshot.entries).resolve(args.name)
     store.update_entry(entry.name, unlock_patch())
     out.write(f"unlocked {entry.name}\n")
 
 
-def _activate_model(
-    args: argparse.Namespace,
-    store: RegistryStore,
-    snapshot: RegistrySnapshot,
-    settings: RegistrySettings,
-    out: TextIO,
-) -> None:
+def _activate_model(ctx: Context) -> None:
+    args, store, snapshot, settings, out = (
+        ctx.args,
+        ctx.store,
+        ctx.snapshot,
+        ctx.settings,
+        ctx.out,
+    )
     proxy = _proxy_settings()
     url = proxy_url(proxy)
     if args.stop or (args.name or "").lower() in ("none", "stop"):
@@ -283,26 +270,13 @@ def _activate_model(
             f"{entry.name} is served by {entry.backend!r}, which the proxy does not start "
             "(only vllm and llamacpp entries, with CHAT_PROXY_VLLM_SINGLE_PORT=1)"
         )
-    launches = LaunchSettings(
-        registry_dir=store.directory,
-        port=proxy.vllm_port,
-        log_dir=proxy.backend_log_dir,
-        gpu_memory_utilization=proxy.vllm_gpu_memory_utilization,
-        max_model_len=proxy.vllm_max_model_len,
-        vllm_launcher=tuple(proxy.vllm_launcher),
-        llama_server_binary=proxy.llama_server_binary,
-    )
+    launches = launch_settings(proxy, store.directory)
     state = activate(entry, proxy, launches, settings.ollama_host)
     out.write(json.dumps(state_json(state), indent=2) + "\n")
 
 
-def _current_model(
-    args: argparse.Namespace,
-    store: RegistryStore,
-    snapshot: RegistrySnapshot,
-    settings: RegistrySettings,
-    out: TextIO,
-) -> None:
+def _current_model(ctx: Context) -> None:
+    out = ctx.out
     proxy = _proxy_settings()
     url = proxy_url(proxy)
     if url is not None:
