@@ -24,10 +24,11 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from support.threaded_server import ThreadedServer
 
 JSON = dict[str, Any]
 Call = tuple[str, str, Any]
@@ -122,8 +123,7 @@ class FakeOllama:
         self._hanging = False
         self._closing = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._runner: ThreadedServer | None = None
 
     # ----------------------------------------------------------------- test-facing API
     @property
@@ -170,27 +170,12 @@ class FakeOllama:
 
     # ----------------------------------------------------------------------- lifecycle
     def __enter__(self) -> FakeOllama:
-        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self._port))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            self._app, interface="asgi3", lifespan="off", access_log=False, log_level="warning"
-        )
-        self._server = server = uvicorn.Server(config)
-        self._loop = loop = asyncio.new_event_loop()
+        self._runner = runner = ThreadedServer(self._app, "fake Ollama", port=self._port)
+        self._loop = runner.loop
+        self.url = runner.url
         self._closing = asyncio.Event()
         self._hanging = False
-        self._thread = threading.Thread(
-            target=_serve, args=(loop, server, sock), name="fake-ollama", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("fake Ollama did not start")
-            time.sleep(0.01)
+        runner.start(timeout_s=10)
         return self
 
     def __exit__(
@@ -202,16 +187,10 @@ class FakeOllama:
         self.close()
 
     def close(self) -> None:
-        if self._server is None or self._thread is None or self._loop is None:
+        if self._runner is None:
             return
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._closing.set)
-        self._server.should_exit = True
-        self._thread.join(timeout=5)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout=5)
-        self._server = self._thread = self._loop = None
+        self._runner.stop(before=self._closing.set, timeout_s=5)
+        self._runner = self._loop = None
 
     # --------------------------------------------------------------------- model state
     def _prune(self) -> None:  # caller holds the lock
@@ -366,16 +345,3 @@ def _error(openai: bool, status: int, message: str) -> JSONResponse:
         error = {"message": message, "type": "api_error", "param": None, "code": None}
         return JSONResponse({"error": error}, status)
     return JSONResponse({"error": message}, status)
-
-
-def _serve(loop: asyncio.AbstractEventLoop, server: uvicorn.Server, sock: socket.socket) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(server.serve(sockets=[sock]))
-        leftovers = asyncio.all_tasks(loop)
-        for task in leftovers:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-    finally:
-        sock.close()
-        loop.close()

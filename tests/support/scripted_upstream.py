@@ -15,17 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import Any
 
-import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
+
+from support.threaded_server import ThreadedServer
 
 JSON = dict[str, Any]
 
@@ -141,8 +141,7 @@ class ScriptedUpstream:
         self._gates: dict[str, asyncio.Event] = {}  # only touched on the server loop
         self._closing = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._runner: ThreadedServer | None = None
 
     # ----------------------------------------------------------------- test-facing API
     @property
@@ -182,27 +181,12 @@ class ScriptedUpstream:
 
     # ----------------------------------------------------------------------- lifecycle
     def __enter__(self) -> ScriptedUpstream:
-        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; without it each
-        # keep-alive response stalls ~40 ms on delayed ACKs.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            self._app, interface="asgi3", lifespan="off", access_log=False, log_level="warning"
-        )
-        self._server = server = uvicorn.Server(config)
-        self._loop = loop = asyncio.new_event_loop()
+        self._runner = runner = ThreadedServer(self._app, "scripted upstream", port=0)
+        self._loop = runner.loop
+        self.url = runner.url
         self._closing = asyncio.Event()
         self._gates.clear()
-        self._thread = threading.Thread(
-            target=_serve, args=(loop, server, sock), name="scripted-upstream", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("scripted upstream did not start")
-            time.sleep(0.01)
+        runner.start(timeout_s=10)
         return self
 
     def __exit__(
@@ -214,16 +198,10 @@ class ScriptedUpstream:
         self.close()
 
     def close(self) -> None:
-        if self._server is None or self._thread is None or self._loop is None:
+        if self._runner is None:
             return
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._closing.set)
-        self._server.should_exit = True
-        self._thread.join(timeout=5)
-        if self._thread.is_alive():
-            self._server.force_exit = True
-            self._thread.join(timeout=5)
-        self._server = self._thread = self._loop = None
+        self._runner.stop(before=self._closing.set, timeout_s=5)
+        self._runner = self._loop = None
 
     # ---------------------------------------------------------------------- the server
     def _gate(self, name: str) -> asyncio.Event:
@@ -383,16 +361,3 @@ class ScriptedUpstream:
 async def _unknown(reply: _Reply) -> None:
     message = f"model '{reply.model}' does not exist"
     await reply.json(404, error_body(message, "invalid_request_error", "model", "model_not_found"))
-
-
-def _serve(loop: asyncio.AbstractEventLoop, server: uvicorn.Server, sock: socket.socket) -> None:
-    asyncio.set_event_loop(loop)
-    try:
-        loop.run_until_complete(server.serve(sockets=[sock]))
-        leftovers = asyncio.all_tasks(loop)
-        for task in leftovers:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-    finally:
-        sock.close()
-        loop.close()
