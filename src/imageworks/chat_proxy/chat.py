@@ -69,6 +69,7 @@ class Exchange:
     prompt: Any = None
     response: Any = None  # a non-streamed answer's choices (logged only with log_prompts)
     response_text: list[str] = field(default_factory=list)  # a streamed answer's text pieces
+    relay_started: bool = False
 
     def record(
         self, status: int, outcome: Outcome, error: str | None, log_prompts: bool
@@ -151,7 +152,10 @@ class ChatService:
             return Response(status_code=CLIENT_CLOSED)
 
         if isinstance(opened, _OpenStream):
-            return EventStreamResponse(self._relay(exchange, opened))
+            return EventStreamResponse(
+                self._relay(exchange, opened),
+                on_close=lambda: self._close_unstarted(exchange, opened),
+            )
         content, parsed = self._normalize_completion(opened.content, opened.parsed)
         exchange.usage = _usage(parsed)
         if self._log_prompts:
@@ -248,6 +252,7 @@ class ChatService:
 
     async def _relay(self, exchange: Exchange, opened: _OpenStream) -> AsyncGenerator[bytes, None]:
         """Pass the backend's events through one by one; end with [DONE] whatever happens."""
+        exchange.relay_started = True
         outcome: Outcome = "cancelled"
         status = CLIENT_CLOSED
         error: str | None = "client disconnected"
@@ -281,6 +286,14 @@ class ChatService:
             with anyio.CancelScope(shield=True):
                 await opened.stack.aclose()
             self._finish(exchange, status, outcome, error)
+
+    async def _close_unstarted(self, exchange: Exchange, opened: _OpenStream) -> None:
+        """A client gone before the first event: the relay never ran, so its cleanup is here."""
+        if exchange.relay_started:
+            return
+        with anyio.CancelScope(shield=True):
+            await opened.stack.aclose()
+        self._finish(exchange, CLIENT_CLOSED, "cancelled", "client disconnected")
 
     def _observe_event(self, exchange: Exchange, event: bytes) -> None:
         """Read an event for bookkeeping only; what the client gets is the original bytes."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -24,13 +24,17 @@ SSE_HEADERS = [
 class EventStreamResponse(Response):
     # A Response subclass so frameworks hand it to the server as it is; __call__ is all ours.
     def __init__(
-        self, events: AsyncGenerator[bytes, None], headers: list[tuple[bytes, bytes]] | None = None
+        self,
+        events: AsyncGenerator[bytes, None],
+        *,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
         self.body = b""
         self._events = events
-        self._sse_headers = SSE_HEADERS + (headers or [])
+        # Closing a generator that never started skips its `finally`: this runs in any case.
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
@@ -44,9 +48,11 @@ class EventStreamResponse(Response):
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await task
             await self._events.aclose()
+            if self._on_close is not None:
+                await self._on_close()
 
     async def _pump(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self._sse_headers})
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         async for event in self._events:
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
