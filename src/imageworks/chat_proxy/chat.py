@@ -134,13 +134,9 @@ class ChatService:
             exchange.model_requested = body["model"]
             exchange.stream = bool(body.get("stream"))
             exchange.prompt = body.get("messages")
-            try:
-                view = await self._catalog.view()
-            except RegistryError as exc:
-                raise BackendUnavailable(f"The model registry cannot be read: {exc}") from exc
-            exchange.entry = self._catalog.resolve(view, body["model"])
+            exchange.entry, registry_dir = await self._resolve(body["model"])
             self._metrics.request_started(exchange.entry.name)
-            body = await self._prepare(body, exchange.entry, view.snapshot.directory)
+            body = await self._prepare(body, exchange.entry, registry_dir)
             opened = await _unless_client_leaves(
                 self._open(exchange.entry, body, exchange.stream), client_gone
             )
@@ -165,16 +161,19 @@ class ChatService:
 
     async def activate(self, model: str) -> None:
         """Make `model`'s backend ready without a request (the admin endpoint); ProxyErrors."""
-        try:
-            view = await self._catalog.view()
-        except RegistryError as exc:
-            raise BackendUnavailable(f"The model registry cannot be read: {exc}") from exc
-        entry = self._catalog.resolve(view, model)
+        entry, _ = await self._resolve(model)
         try:
             async with self._router.backend_for(entry).lease(entry):
                 pass
         except BackendNotReady as exc:
-            raise BackendUnavailable(str(exc), code="backend_not_ready") from exc
+            raise _not_ready(exc) from exc
+
+    async def _resolve(self, model: str) -> tuple[RegistryEntry, Path]:
+        try:
+            view = await self._catalog.view()
+        except RegistryError as exc:
+            raise BackendUnavailable(f"The model registry cannot be read: {exc}") from exc
+        return self._catalog.resolve(view, model), view.snapshot.directory
 
     async def _prepare(
         self, body: dict[str, Any], entry: RegistryEntry, registry_dir: Path
@@ -245,7 +244,7 @@ class ChatService:
             stack.push_async_callback(upstream.aclose)
             return _OpenStream(upstream, stack.pop_all())
         except BackendNotReady as exc:
-            raise BackendUnavailable(str(exc), code="backend_not_ready") from exc
+            raise _not_ready(exc) from exc
         finally:
             with anyio.CancelScope(shield=True):
                 await stack.aclose()
@@ -361,6 +360,10 @@ async def _unless_client_leaves(
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise _ClientLeft
+
+
+def _not_ready(exc: BackendNotReady) -> ProxyError:
+    return BackendUnavailable(str(exc), code="backend_not_ready")
 
 
 def _explain_preemption(failure: ProxyError, target: Target) -> ProxyError:
