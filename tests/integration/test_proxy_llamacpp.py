@@ -6,6 +6,7 @@ The tests share one proxy and run in order: they walk through what a user does."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import make_demo_workspace
-from support.proxy_process import RunningProxy, Workspace, pid_alive
+from support.proxy_process import RunningProxy, Workspace, pid_alive, processes_listening_on
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,10 +30,13 @@ GEMMA = "gemma3 270m (Q4 K M)"
 def proxy(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iterator[RunningProxy]:
     workdir = tmp_path_factory.mktemp("proxy")
     make_demo_workspace(workdir, demo_models)
-    running = Workspace(workdir).start_proxy()
+    workspace = Workspace(workdir)
+    running = workspace.start_proxy()
     yield running
-    if running.process.poll() is None:
-        running.kill()
+    if running.process.poll() is None:  # a subset of the tests ran: shut down gracefully
+        running.terminate()
+    for pid in processes_listening_on(workspace.model_port):  # and never leave a model behind
+        os.killpg(pid, signal.SIGKILL)
 
 
 def test_models_lists_both_demo_models(proxy: RunningProxy) -> None:
