@@ -74,6 +74,8 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CHAT_PROXY_MAX_IMAGE_BYTES", "-5"),
         ("CHAT_PROXY_ENABLE_METRICS", "perhaps"),
         ("CHAT_PROXY_AUTOSTART_MAP", "{not json"),
+        ("CHAT_PROXY_AUTOSTART_MAP", '{"m": "serve \\"unclosed"}'),
+        ("CHAT_PROXY_AUTOSTART_MAP", '{"m": []}'),
     ],
 )
 def test_bad_value_is_one_message_naming_the_variable(

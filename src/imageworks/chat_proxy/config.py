@@ -116,6 +116,21 @@ class ProxySettings(BaseSettings):
             return parsed
         return value
 
+    @field_validator("autostart_map")
+    @classmethod
+    def _commands_are_runnable(
+        cls, value: dict[str, list[str] | str]
+    ) -> dict[str, list[str] | str]:
+        # Checked here so a typo stops start-up with one line, not at the first request.
+        for name, command in value.items():
+            try:
+                argv = shlex.split(command) if isinstance(command, str) else command
+            except ValueError as exc:
+                raise ValueError(f"the command for {name!r} cannot be parsed: {exc}") from exc
+            if not argv:
+                raise ValueError(f"the command for {name!r} is empty")
+        return value
+
     @property
     def backend_timeout_s(self) -> float:
         return self.backend_timeout_ms / 1000
