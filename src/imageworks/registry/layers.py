@@ -16,28 +16,25 @@ RawEntry = dict[str, Any]
 
 def overlay(base: Mapping[str, Any], top: Mapping[str, Any]) -> RawEntry:
     """`top` over `base`, the layering rule above. Neither input is modified."""
-    merged: RawEntry = copy.deepcopy(dict(base))
-    for key, value in top.items():
-        if value is None:
-            continue
-        current = merged.get(key)
-        if isinstance(value, Mapping) and isinstance(current, Mapping):
-            merged[key] = overlay(current, value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+    return _merge(base, top, nulls_set=False)
 
 
 def apply_patch(base: Mapping[str, Any], patch: Mapping[str, Any]) -> RawEntry:
     """Like `overlay`, but an explicit None in `patch` does set the field to null."""
-    patched: RawEntry = copy.deepcopy(dict(base))
-    for key, value in patch.items():
-        current = patched.get(key)
+    return _merge(base, patch, nulls_set=True)
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any], *, nulls_set: bool) -> RawEntry:
+    merged: RawEntry = copy.deepcopy(dict(base))
+    for key, value in top.items():
+        if value is None and not nulls_set:
+            continue
+        current = merged.get(key)
         if isinstance(value, Mapping) and isinstance(current, Mapping):
-            patched[key] = apply_patch(current, value)
+            merged[key] = _merge(current, value, nulls_set=nulls_set)
         else:
-            patched[key] = copy.deepcopy(value)
-    return patched
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def leaves(
