@@ -438,3 +438,76 @@ def test_drain_timeout_cuts_a_long_request_with_a_clear_error(ws: Workspace) -> 
     error = json.loads(events[-2][5:])["error"]
     assert error["code"] == "model_swapped_out"
     assert "drain timeout" in error["message"]
+
+
+def stream_lines(proxy_url: str, model: str) -> tuple[int, list[str]]:
+    payload = {"model": model, "messages": [{"role": "user", "content": "ping"}], "stream": True}
+    payload["max_tokens"] = 4
+    with httpx.stream(
+        "POST", f"{proxy_url}/v1/chat/completions", json=payload, timeout=120
+    ) as response:
+        return response.status_code, [line for line in response.iter_lines() if line]
+
+
+def test_streams_get_loading_heartbeats_while_the_model_starts(ws: Workspace) -> None:
+    ws.extra_env["CHAT_PROXY_STREAM_HEARTBEAT_S"] = "0.1"
+    proxy = ws.start_proxy()
+    try:
+        status, lines = stream_lines(proxy.url, SMOL)
+        assert status == 200
+        loading = [line for line in lines if line.startswith(": loading")]
+        assert loading
+        assert SMOL_ENTRY in loading[0]
+        data = [line for line in lines if line.startswith("data:")]
+        assert data[-1] == "data: [DONE]"
+        assert any('"content"' in line for line in data)
+
+        status, lines = stream_lines(proxy.url, SMOL)  # loaded now: no heartbeat needed
+        assert not [line for line in lines if line.startswith(": loading")]
+    finally:
+        proxy.terminate()
+
+
+def test_a_start_failure_after_heartbeats_is_an_error_event(ws: Workspace) -> None:
+    junk = ws.root / "models" / "junk.gguf"
+    junk.write_bytes(b"this is not a model")
+    add_entries(
+        ws,
+        {
+            "name": "broken",
+            "backend": "llamacpp",
+            "download_path": "../models/junk.gguf",
+            "backend_config": {"extra_args": ["--chat_format", "chatml"]},
+        },
+    )
+    ws.extra_env["CHAT_PROXY_STREAM_HEARTBEAT_S"] = "0.05"
+    proxy = ws.start_proxy()
+    try:
+        status, lines = stream_lines(proxy.url, "broken")
+    finally:
+        proxy.terminate()
+    assert status == 200  # the headers went out with the first heartbeat
+    assert lines[0].startswith(": loading")
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][5:])["error"]
+    assert "broken could not be started" in error["message"]
+
+
+def test_a_client_leaving_during_the_load_leaves_the_slot_usable(ws: Workspace) -> None:
+    ws.extra_env["CHAT_PROXY_STREAM_HEARTBEAT_S"] = "0.05"
+    proxy = ws.start_proxy()
+    try:
+        payload = {"model": SMOL, "messages": [{"role": "user", "content": "ping"}], "stream": True}
+        with httpx.stream(
+            "POST", f"{proxy.url}/v1/chat/completions", json=payload, timeout=60
+        ) as response:
+            first = next(line for line in response.iter_lines() if line)
+            assert first.startswith(": loading")
+        # gone mid-load: the next request is served and nothing stays leased
+        assert proxy.chat(SMOL, max_tokens=4).status_code == 200
+        deadline = time.monotonic() + 10
+        while proxy.health()["slot"]["active_requests"] != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proxy.terminate()

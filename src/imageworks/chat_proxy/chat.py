@@ -105,6 +105,7 @@ class ChatRules:
     normalize_tools: bool
     split_think_tags: bool
     log_prompts: bool
+    stream_heartbeat_s: float = 5.0
 
 
 class ChatService:
@@ -137,9 +138,21 @@ class ChatService:
             exchange.entry, registry_dir = await self._resolve(body["model"])
             self._metrics.request_started(exchange.entry.name)
             body = await self._prepare(body, exchange.entry, registry_dir)
-            opened = await _unless_client_leaves(
-                self._open(exchange.entry, body, exchange.stream), client_gone
-            )
+            opening = asyncio.ensure_future(self._open(exchange.entry, body, exchange.stream))
+            # A stream whose model is still loading after a heartbeat interval gets its headers
+            # now and `: loading` comments until it is ready, so clients do not time out.
+            patience = self._rules.stream_heartbeat_s if exchange.stream else None
+            try:
+                ready = await _unless_client_leaves(_settled(opening, patience), client_gone)
+            except _ClientLeft:
+                await _cancel(opening)
+                raise
+            if not ready:
+                return EventStreamResponse(
+                    self._relay_when_loaded(exchange, opening),
+                    on_close=lambda: self._close_unloaded(exchange, opening),
+                )
+            opened = opening.result()
         except ProxyError as error:
             self._finish(exchange, error.status, "error", error.message)
             return JSONResponse(error.body(), status_code=error.status)
@@ -259,23 +272,19 @@ class ChatService:
             tools=self._rules.normalize_tools, split_think=self._rules.split_think_tags
         )
         try:
-            saw_done = False
             async for received in opened.upstream.events():
                 if received.strip() in _DONE_EVENTS:
-                    saw_done = True
-                    if (last := normalizer.flush()) is not None:
-                        yield last
-                    yield received
-                    continue
+                    break  # the end: nothing the backend sends after it matters
                 event = normalizer.process(received)
                 if exchange.first_token is None or b'"usage"' in event or self._log_prompts:
                     self._observe_event(exchange, event)
                 yield event
-            if not saw_done:
-                if (last := normalizer.flush()) is not None:
-                    yield last
-                yield SSE_DONE
+            if (last := normalizer.flush()) is not None:
+                yield last
+            # Complete before [DONE] goes out: a client that hangs up as soon as it reads it
+            # (the OpenAI SDK does) has not cancelled anything.
             outcome, status, error = "ok", 200, None
+            yield SSE_DONE
         except ProxyError as raised:
             failure = _explain_preemption(raised, opened.upstream.target)
             outcome, status, error = "error", failure.status, failure.message
@@ -285,6 +294,53 @@ class ChatService:
             with anyio.CancelScope(shield=True):
                 await opened.stack.aclose()
             self._finish(exchange, status, outcome, error)
+
+    async def _relay_when_loaded(
+        self, exchange: Exchange, opening: asyncio.Future[_Completed | _OpenStream]
+    ) -> AsyncGenerator[bytes, None]:
+        """Heartbeat comments while the model loads, then the stream (or an error event)."""
+        exchange.relay_started = True
+        began = time.monotonic()
+        model = exchange.entry.name if exchange.entry else "the model"
+        handed_over = False
+        try:
+            while not (await asyncio.wait({opening}, timeout=self._rules.stream_heartbeat_s))[0]:
+                yield f": loading {model} {time.monotonic() - began:.0f}s\n\n".encode()
+            try:
+                opened = opening.result()
+            except ProxyError as failure:
+                handed_over = True  # nothing is open; the failure is recorded here
+                self._finish(exchange, failure.status, "error", failure.message)
+                yield sse_error(failure)
+                yield SSE_DONE
+                return
+            assert isinstance(opened, _OpenStream)  # a streaming request opens a stream
+            handed_over = True
+            async for event in self._relay(exchange, opened):
+                yield event
+        finally:
+            if not handed_over:  # the client left while the model loaded
+                with anyio.CancelScope(shield=True):
+                    await self._discard(exchange, opening)
+
+    async def _close_unloaded(
+        self, exchange: Exchange, opening: asyncio.Future[_Completed | _OpenStream]
+    ) -> None:
+        """A client gone before the heartbeat relay ran: stop the load, or close the stream."""
+        if not exchange.relay_started:
+            await self._discard(exchange, opening)
+
+    async def _discard(
+        self, exchange: Exchange, opening: asyncio.Future[_Completed | _OpenStream]
+    ) -> None:
+        """Give up on a load (or on the stream it opened) for a client that has left."""
+        await _cancel(opening)
+        if opening.done() and not opening.cancelled() and opening.exception() is None:
+            opened = opening.result()
+            if isinstance(opened, _OpenStream):
+                with anyio.CancelScope(shield=True):
+                    await opened.stack.aclose()
+        self._finish(exchange, CLIENT_CLOSED, "cancelled", "client disconnected")
 
     async def _close_unstarted(self, exchange: Exchange, opened: _OpenStream) -> None:
         """A client gone before the first event: the relay never ran, so its cleanup is here."""
@@ -360,6 +416,19 @@ async def _unless_client_leaves(
     with contextlib.suppress(asyncio.CancelledError):
         await task
     raise _ClientLeft
+
+
+async def _settled(task: asyncio.Future[Any], timeout_s: float | None) -> bool:
+    """Whether `task` finished within `timeout_s` (None: wait for it)."""
+    await asyncio.wait({task}, timeout=timeout_s)
+    return task.done()
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ProxyError):
+        await task
 
 
 def _not_ready(exc: BackendNotReady) -> ProxyError:

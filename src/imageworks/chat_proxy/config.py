@@ -39,6 +39,9 @@ class ProxySettings(BaseSettings):
     max_image_bytes: int = Field(default=6_000_000, gt=0)
     backend_timeout_ms: int = Field(default=120_000, gt=0)
     stream_idle_timeout_ms: int = Field(default=60_000, gt=0)
+    # A stream still waiting for its model after this long gets its headers and a `: loading`
+    # comment every interval, so clients do not time out during a long model load.
+    stream_heartbeat_s: float = Field(default=5.0, gt=0)
     disable_tool_normalization: bool = False
     # http(s) image URLs are passed to the backend untouched only when allowed; the proxy
     # itself never fetches them.

@@ -198,6 +198,7 @@ def chat_rules(settings: ProxySettings) -> ChatRules:
         normalize_tools=normalize_tools,
         split_think_tags=settings.split_think_tags,
         log_prompts=settings.log_prompts,
+        stream_heartbeat_s=settings.stream_heartbeat_s,
     )
 
 
