@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import anyio
 from starlette.responses import JSONResponse, Response
@@ -142,12 +142,7 @@ class ChatService:
             # A stream whose model is still loading after a heartbeat interval gets its headers
             # now and `: loading` comments until it is ready, so clients do not time out.
             patience = self._rules.stream_heartbeat_s if exchange.stream else None
-            try:
-                ready = await _unless_client_leaves(_settled(opening, patience), client_gone)
-            except _ClientLeft:
-                await _cancel(opening)
-                raise
-            if not ready:
+            if not await _opened_in_time(opening, patience, client_gone):
                 return EventStreamResponse(
                     self._relay_when_loaded(exchange, opening),
                     on_close=lambda: self._close_unloaded(exchange, opening),
@@ -396,32 +391,30 @@ class _ClientLeft(Exception):
     pass
 
 
-T = TypeVar("T")
-
-
-async def _unless_client_leaves(
-    work: Awaitable[T], client_gone: Callable[[], Awaitable[None]]
-) -> T:
-    """Run `work`; if the client disconnects first, cancel it (and the upstream request with
-    it) and raise _ClientLeft."""
-    task = asyncio.ensure_future(work)
+async def _opened_in_time(
+    opening: asyncio.Future[Any],
+    timeout_s: float | None,
+    client_gone: Callable[[], Awaitable[None]],
+) -> bool:
+    """Wait for `opening` up to `timeout_s` (None: as long as it takes): True once it is done,
+    False at the timeout. A client that disconnects first cancels it (and the upstream request
+    with it) and raises _ClientLeft."""
     watcher = asyncio.ensure_future(client_gone())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {opening, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    except asyncio.CancelledError:  # the request itself is cancelled (server shutdown)
+        opening.cancel()
+        raise
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise _ClientLeft
-
-
-async def _settled(task: asyncio.Future[Any], timeout_s: float | None) -> bool:
-    """Whether `task` finished within `timeout_s` (None: wait for it)."""
-    await asyncio.wait({task}, timeout=timeout_s)
-    return task.done()
+    if opening.done():
+        return True
+    if watcher in done:
+        await _cancel(opening)
+        raise _ClientLeft
+    return False
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:
