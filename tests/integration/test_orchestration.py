@@ -44,6 +44,20 @@ def add_entries(ws: Workspace, *entries: dict[str, Any]) -> None:
     write_json(path, [*read_json(path), *entries])
 
 
+def add_broken_entry(ws: Workspace) -> None:
+    """An entry named `broken` whose "model" llama.cpp cannot load."""
+    (ws.root / "models" / "junk.gguf").write_bytes(b"this is not a model")
+    add_entries(
+        ws,
+        {
+            "name": "broken",
+            "backend": "llamacpp",
+            "download_path": "../models/junk.gguf",
+            "backend_config": {"extra_args": ["--chat_format", "chatml"]},
+        },
+    )
+
+
 def wait_dead(pid: int) -> None:
     deadline = time.monotonic() + 30
     while pid_alive(pid):
@@ -163,17 +177,7 @@ def test_corrupt_state_file_is_moved_aside(ws: Workspace) -> None:
 
 
 def test_start_failure_is_503_with_the_log_tail_and_an_empty_slot(ws: Workspace) -> None:
-    junk = ws.root / "models" / "junk.gguf"
-    junk.write_bytes(b"this is not a model")
-    add_entries(
-        ws,
-        {
-            "name": "broken",
-            "backend": "llamacpp",
-            "download_path": "../models/junk.gguf",
-            "backend_config": {"extra_args": ["--chat_format", "chatml"]},
-        },
-    )
+    add_broken_entry(ws)
     proxy = ws.start_proxy()
     try:
         for _attempt in range(2):  # a failed start does not stick: the next request tries again
@@ -469,17 +473,7 @@ def test_streams_get_loading_heartbeats_while_the_model_starts(ws: Workspace) ->
 
 
 def test_a_start_failure_after_heartbeats_is_an_error_event(ws: Workspace) -> None:
-    junk = ws.root / "models" / "junk.gguf"
-    junk.write_bytes(b"this is not a model")
-    add_entries(
-        ws,
-        {
-            "name": "broken",
-            "backend": "llamacpp",
-            "download_path": "../models/junk.gguf",
-            "backend_config": {"extra_args": ["--chat_format", "chatml"]},
-        },
-    )
+    add_broken_entry(ws)
     ws.extra_env["CHAT_PROXY_STREAM_HEARTBEAT_S"] = "0.05"
     proxy = ws.start_proxy()
     try:

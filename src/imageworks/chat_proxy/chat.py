@@ -7,12 +7,11 @@ import asyncio
 import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from starlette.responses import JSONResponse, Response
@@ -21,6 +20,7 @@ from imageworks.backends.base import BackendNotReady, Target
 from imageworks.backends.router import BackendRouter
 from imageworks.backends.templates import TemplateCheck, check_chat_template
 from imageworks.chat_proxy.catalog import Catalog
+from imageworks.chat_proxy.exchange import CLIENT_CLOSED, Exchange, usage_of
 from imageworks.chat_proxy.forwarding import Forwarder, UpstreamStream
 from imageworks.chat_proxy.normalize.ollama_path import needs_native_ollama, ollama_num_ctx
 from imageworks.chat_proxy.normalize.reasoning import split_think_completion
@@ -28,7 +28,7 @@ from imageworks.chat_proxy.normalize.request import RequestRules, prepare_reques
 from imageworks.chat_proxy.normalize.stream import EventNormalizer
 from imageworks.chat_proxy.normalize.tools import normalize_completion
 from imageworks.chat_proxy.normalize.vision import has_images
-from imageworks.chat_proxy.observe import Metrics, RequestLog, RequestRecord
+from imageworks.chat_proxy.observe import Metrics, Outcome, RequestLog
 from imageworks.chat_proxy.protocol import (
     SSE_DONE,
     BackendUnavailable,
@@ -47,53 +47,6 @@ _DONE_EVENTS = (b"data: [DONE]", b"data:[DONE]")
 # Backends whose servers render the chat template themselves from the weights (Ollama embeds
 # it in its model files; external servers are someone else's business).
 TEMPLATED_BACKENDS = frozenset({"vllm", "llamacpp"})
-
-# Status recorded for a request whose client left before the answer (nginx's convention).
-CLIENT_CLOSED = 499
-
-Outcome = Literal["ok", "error", "cancelled"]
-
-
-@dataclass
-class Exchange:
-    """What we learn about one request as it goes, for the log line and the metrics."""
-
-    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
-    started_at: float = field(default_factory=time.time)
-    started: float = field(default_factory=time.perf_counter)
-    model_requested: str | None = None
-    entry: RegistryEntry | None = None
-    stream: bool = False
-    first_token: float | None = None
-    usage: dict[str, Any] | None = None
-    prompt: Any = None
-    response: Any = None  # a non-streamed answer's choices (logged only with log_prompts)
-    response_text: list[str] = field(default_factory=list)  # a streamed answer's text pieces
-    relay_started: bool = False
-
-    def record(
-        self, status: int, outcome: Outcome, error: str | None, log_prompts: bool
-    ) -> RequestRecord:
-        now = time.perf_counter()
-        usage = self.usage or {}
-        return RequestRecord(
-            request_id=self.request_id,
-            started_at=self.started_at,
-            model_requested=self.model_requested,
-            model_resolved=self.entry.name if self.entry else None,
-            backend=self.entry.backend if self.entry else None,
-            stream=self.stream,
-            status=status,
-            outcome=outcome,
-            latency_ms=(now - self.started) * 1000,
-            ttft_ms=(self.first_token - self.started) * 1000 if self.first_token else None,
-            prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
-            completion_tokens=_int_or_none(usage.get("completion_tokens")),
-            total_tokens=_int_or_none(usage.get("total_tokens")),
-            error=error,
-            prompt=self.prompt if log_prompts else None,
-            response=(self.response or "".join(self.response_text)) if log_prompts else None,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +114,7 @@ class ChatService:
                 on_close=lambda: self._close_unstarted(exchange, opened),
             )
         content, parsed = self._normalize_completion(opened.content, opened.parsed)
-        exchange.usage = _usage(parsed)
+        exchange.usage = usage_of(parsed)
         if self._log_prompts:
             exchange.response = parsed.get("choices")
         self._finish(exchange, opened.status, "ok", None)
@@ -357,7 +310,7 @@ class ChatService:
         if not isinstance(chunk, dict):
             return
         if chunk.get("usage"):
-            exchange.usage = _usage(chunk)
+            exchange.usage = usage_of(chunk)
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
@@ -435,12 +388,3 @@ def _explain_preemption(failure: ProxyError, target: Target) -> ProxyError:
     if reason is None:
         return failure
     return BackendUnavailable(reason, code="model_swapped_out")
-
-
-def _usage(body: dict[str, Any]) -> dict[str, Any] | None:
-    usage = body.get("usage")
-    return usage if isinstance(usage, dict) else None
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -1,0 +1,65 @@
+"""What the proxy learns about one request as it goes, turned into its log record."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from imageworks.chat_proxy.observe import Outcome, RequestRecord
+from imageworks.registry.schema import RegistryEntry
+
+# Status recorded for a request whose client left before the answer (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+@dataclass
+class Exchange:
+    """What we learn about one request as it goes, for the log line and the metrics."""
+
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
+    started_at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    model_requested: str | None = None
+    entry: RegistryEntry | None = None
+    stream: bool = False
+    first_token: float | None = None
+    usage: dict[str, Any] | None = None
+    prompt: Any = None
+    response: Any = None  # a non-streamed answer's choices (logged only with log_prompts)
+    response_text: list[str] = field(default_factory=list)  # a streamed answer's text pieces
+    relay_started: bool = False
+
+    def record(
+        self, status: int, outcome: Outcome, error: str | None, log_prompts: bool
+    ) -> RequestRecord:
+        now = time.perf_counter()
+        usage = self.usage or {}
+        return RequestRecord(
+            request_id=self.request_id,
+            started_at=self.started_at,
+            model_requested=self.model_requested,
+            model_resolved=self.entry.name if self.entry else None,
+            backend=self.entry.backend if self.entry else None,
+            stream=self.stream,
+            status=status,
+            outcome=outcome,
+            latency_ms=(now - self.started) * 1000,
+            ttft_ms=(self.first_token - self.started) * 1000 if self.first_token else None,
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
+            total_tokens=_count(usage.get("total_tokens")),
+            error=error,
+            prompt=self.prompt if log_prompts else None,
+            response=(self.response or "".join(self.response_text)) if log_prompts else None,
+        )
+
+
+def usage_of(body: dict[str, Any]) -> dict[str, Any] | None:
+    usage = body.get("usage")
+    return usage if isinstance(usage, dict) else None
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
