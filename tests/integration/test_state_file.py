@@ -17,14 +17,8 @@ from typing import Any
 
 import pytest
 
-from imageworks.backends.state import (
-    AdoptedProcess,
-    ManagedState,
-    StateFile,
-    StateLockTimeout,
-    is_same_process,
-    process_start_ticks,
-)
+from imageworks.backends.procfs import is_same_process, process_start_ticks
+from imageworks.backends.state import AdoptedProcess, ManagedState, StateFile, StateLockTimeout
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 

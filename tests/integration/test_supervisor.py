@@ -71,7 +71,7 @@ def is_gone(pid: int) -> bool:
         return True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped while we looked
         return True
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
@@ -265,3 +265,21 @@ def test_log_tail_returns_last_lines_of_a_large_log(log_path: Path) -> None:
     server = ManagedProcess(LaunchSpec(name="x", argv=("true",), port=1, log_path=log_path))
 
     assert server.log_tail(3) == "line 199997\nline 199998\nline 199999"
+
+
+async def test_a_killed_process_is_dead_before_asyncio_notices(launch: Launch) -> None:
+    port = free_port()
+    server = launch(python(HEALTH_SERVER, port), port)
+    await server.start(timeout_s=10)
+    pid = server.pid
+    assert pid is not None
+    assert server.is_alive()
+
+    os.killpg(pid, signal.SIGKILL)
+    # No await from here on: asyncio's child watcher cannot record the exit yet, but the
+    # kernel already shows a zombie (or no process): the GPU slot must not hand it a request.
+    while not is_gone(pid):
+        pass
+    assert server.returncode is None
+    assert not server.is_alive()
+    await server.stop(timeout_s=1)

@@ -22,12 +22,8 @@ from imageworks.backends.base import BackendNotReady, Target
 from imageworks.backends.external import external_target
 from imageworks.backends.gpu import GpuSlot
 from imageworks.backends.ollama import OllamaManager, OllamaUnavailable
-from imageworks.backends.state import (
-    AdoptedProcess,
-    ManagedState,
-    StateFile,
-    process_start_ticks,
-)
+from imageworks.backends.procfs import process_start_ticks
+from imageworks.backends.state import AdoptedProcess, ManagedState, StateFile
 from imageworks.backends.supervisor import LaunchSpec, ManagedProcess, StartError
 from imageworks.registry.schema import RegistryEntry
 

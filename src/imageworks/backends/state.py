@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
 
+from imageworks.backends.procfs import group_members, is_same_process
 from imageworks.backends.supervisor import LaunchSpec, wait_port_free
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.files import dump_json, exclusive_lock, write_atomic
@@ -32,7 +32,6 @@ from imageworks.registry.files import dump_json, exclusive_lock, write_atomic
 logger = logging.getLogger(__name__)
 
 OWNERS = ("proxy", "loader")
-_DEAD = ("Z", "X")  # zombie (exited, not yet reaped), dead
 _POLL_S = 0.05
 _KILL_WAIT_S = 5.0  # after SIGKILL only an uninterruptible (D-state) process takes longer
 _PORT_RELEASE_S = 5.0
@@ -87,42 +86,6 @@ class ManagedState:
         if missing:
             raise ValueError(f"missing fields: {', '.join(missing)}")
         return cls(**{name: data[name] for name in names})
-
-
-class _Stat(NamedTuple):
-    state: str
-    pgrp: int
-    start: int
-
-
-def _read_stat(pid: int) -> _Stat | None:
-    if pid <= 0:
-        return None
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # "pid (comm) state ppid pgrp ...": comm may hold spaces and ')', so split at the last ')'.
-    rest = raw.rpartition(b")")[2].split()
-    return _Stat(rest[0].decode("ascii"), int(rest[2]), int(rest[19]))
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot; None if it does not exist or has
-    exited (a zombie, waiting for its parent to reap it)."""
-    stat = _read_stat(pid)
-    return None if stat is None or stat.state in _DEAD else stat.start
-
-
-def is_same_process(pid: int, process_start: int) -> bool:
-    """True if `pid` is alive and is the process that started at `process_start`."""
-    return process_start_ticks(pid) == process_start
-
-
-def _group_members(pgid: int) -> dict[int, int]:
-    """Live members of process group `pgid`, as pid -> start ticks."""
-    stats = ((int(name), _read_stat(int(name))) for name in os.listdir("/proc") if name.isdigit())
-    return {pid: s.start for pid, s in stats if s and s.pgrp == pgid and s.state not in _DEAD}
 
 
 class StateLockTimeout(TimeoutError):
@@ -270,7 +233,7 @@ class AdoptedProcess:
         """Signal the group if its leader is still our process; False if it is gone."""
         if not self.is_alive():
             return False
-        self._members.update(_group_members(self.state.pid))
+        self._members.update(group_members(self.state.pid))
         try:
             # The server was started with start_new_session, so its pid is its group id.
             os.killpg(self.state.pid, sig)

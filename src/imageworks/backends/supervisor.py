@@ -27,6 +27,8 @@ from subprocess import DEVNULL, STDOUT
 
 import httpx
 
+from imageworks.backends.procfs import process_start_ticks
+
 logger = logging.getLogger(__name__)
 
 _CONNECT_PROBE_S = 0.5  # a listener on loopback answers a connect at once
@@ -146,7 +148,14 @@ class ManagedProcess:
         return self._process.returncode if self._process else None
 
     def is_alive(self) -> bool:
-        return self._process is not None and self._process.returncode is None
+        # The kernel knows at once (a killed child is a zombie until reaped); asyncio's
+        # returncode only once its child watcher has run, which can be after the next request.
+        process = self._process
+        return (
+            process is not None
+            and process.returncode is None
+            and process_start_ticks(process.pid) is not None
+        )
 
     async def start(self, timeout_s: float, *, poll_interval_s: float = 0.1) -> None:
         """Spawn the server and return once it answers a health path; raise StartError otherwise.

@@ -22,8 +22,9 @@ import httpx
 
 from imageworks.backends.base import BackendNotReady
 from imageworks.backends.ollama import OllamaManager, OllamaUnavailable
+from imageworks.backends.procfs import process_start_ticks
 from imageworks.backends.router import LaunchSettings, launch_spec
-from imageworks.backends.state import AdoptedProcess, ManagedState, StateFile, process_start_ticks
+from imageworks.backends.state import AdoptedProcess, ManagedState, StateFile
 from imageworks.backends.supervisor import LaunchSpec, ManagedProcess, port_in_use
 from imageworks.chat_proxy.config import ProxySettings
 from imageworks.registry.schema import RegistryEntry
