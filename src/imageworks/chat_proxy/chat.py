@@ -34,6 +34,7 @@ from imageworks.chat_proxy.protocol import (
     BackendUnavailable,
     InvalidRequest,
     ProxyError,
+    json_bytes,
     parse_chat_request,
     sse_error,
 )
@@ -176,7 +177,7 @@ class ChatService:
             result = split_think_completion(result)
         if result is parsed:
             return content, parsed
-        return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode(), result
+        return json_bytes(result), result
 
     async def _open(
         self, entry: RegistryEntry, body: dict[str, Any], stream: bool

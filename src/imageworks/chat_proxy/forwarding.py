@@ -22,12 +22,13 @@ from imageworks.chat_proxy.normalize.ollama import (
     from_ollama_chat,
     to_ollama_chat,
 )
-from imageworks.chat_proxy.normalize.stream import encode_event
 from imageworks.chat_proxy.protocol import (
     BackendTimeout,
     BackendUnavailable,
     BadGateway,
     ProxyError,
+    json_bytes,
+    sse_event,
     upstream_error,
 )
 
@@ -80,7 +81,7 @@ class Forwarder:
         return self._client.build_request(
             "POST",
             url,
-            content=json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
+            content=json_bytes(payload),
             timeout=httpx.Timeout(self._backend_timeout_s, read=read_timeout),
         )
 
@@ -152,8 +153,7 @@ class Forwarder:
         answer = from_ollama_chat(
             native.parsed, request_model=target.model, completion_id=_completion_id()
         )
-        content = json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
-        return Completion(native.status, content, answer)
+        return Completion(native.status, json_bytes(answer), answer)
 
     async def open_ollama_stream(
         self, target: Target, body: dict[str, Any], num_ctx: int | None
@@ -234,7 +234,7 @@ class OllamaUpstreamStream(UpstreamStream):
                 # OpenAI sends a usage chunk only to clients that asked for one.
                 if chunk.get("choices") == [] and not self._wants_usage:
                     continue
-                yield encode_event(chunk)
+                yield sse_event(chunk)
 
 
 def _ollama_chat_url(target: Target) -> str:

@@ -143,8 +143,13 @@ def _error_message(parsed: Any) -> str | None:
     return None
 
 
+def json_bytes(data: Any) -> bytes:
+    """Compact UTF-8 JSON: the encoding of every body and event the proxy writes itself."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def sse_event(data: Mapping[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + json_bytes(data) + b"\n\n"
 
 
 def sse_error(error: ProxyError) -> bytes:

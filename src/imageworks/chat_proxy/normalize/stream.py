@@ -15,6 +15,7 @@ from imageworks.chat_proxy.normalize.tools import (
     ToolStreamNormalizer,
     may_need_tool_normalization,
 )
+from imageworks.chat_proxy.protocol import sse_event
 
 
 class EventNormalizer:
@@ -36,22 +37,14 @@ class EventNormalizer:
             result = self._tools.normalize_chunk(result)
         if self._think is not None and wants_think:
             result = self._think.normalize_chunk(result)
-        return event if result is chunk else encode_event(result)
+        return event if result is chunk else sse_event(result)
 
     def flush(self) -> bytes | None:
         """Text a think splitter still holds when the stream ends, as one last event."""
         if self._think is None:
             return None
         chunk = self._think.flush()
-        return encode_event(chunk) if chunk is not None else None
-
-
-def encode_event(chunk: dict[str, Any]) -> bytes:
-    return (
-        b"data: "
-        + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode()
-        + (b"\n\n")
-    )
+        return sse_event(chunk) if chunk is not None else None
 
 
 def _parse_data(event: bytes) -> dict[str, Any] | None:
