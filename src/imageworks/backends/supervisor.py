@@ -1,12 +1,14 @@
-"""One model server process we own: spawn, wait until healthy, stop, and never lose track of it.
+"""Model server processes we own: spawn, wait until healthy, stop, and never lose track of one.
 
-The child runs in its own session, so it leads a process group; signals go to the whole group and
+A server runs in its own session, so it leads a process group; signals go to the whole group and
 therefore reach the workers a server forks (vLLM's engine processes, a shell wrapper's children).
 Output goes to an append-only log file whose tail explains a failed start.
 
-The caller owns ``stop()``: in the proxy that is the GPU slot, which also serialises ``start()`` and
-``stop()`` so only one task drives a ``ManagedProcess`` at a time. Emergency paths that cannot await
-(atexit, a lifespan that failed half-way) use ``kill_now()``.
+``spawn`` and ``wait_healthy`` are separate steps so a caller can record the process (the state
+file) the moment it exists, before its health check. ``ServerProcess`` is the same for a server
+we spawned and one found running after a restart: identity is pid plus start time. The caller
+owns ``stop()``: in the proxy that is the GPU slot's owner task. Emergency paths that cannot
+await use ``kill_now()``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import shlex
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,10 +30,16 @@ from subprocess import DEVNULL, STDOUT
 
 import httpx
 
-from imageworks.backends.procfs import process_start_ticks
+from imageworks.backends.procfs import (
+    group_members,
+    is_same_process,
+    port_owner,
+    process_start_ticks,
+)
 
 logger = logging.getLogger(__name__)
 
+_EXIT_POLL_S = 0.02
 _CONNECT_PROBE_S = 0.5  # a listener on loopback answers a connect at once
 _HEALTH_REQUEST_MAX_S = 1.0  # a slow probe must not eat the whole start budget
 _KILL_WAIT_S = 5.0  # after SIGKILL only an uninterruptible (D-state) process takes longer
@@ -118,17 +127,209 @@ async def wait_port_free(host: str, port: int, timeout_s: float) -> None:
         await asyncio.sleep(0.05)
 
 
+class ProcessSurvived(Exception):
+    """A model server is still running after SIGTERM and SIGKILL (stuck in the kernel)."""
+
+
+class ServerProcess:
+    """One model server in its own process group: spawned here (`spawn`), or found running in
+    the state file (`ServerProcess(spec, pid, start_ticks)`), and either way ours to stop.
+
+    Its identity is the pid together with its start time (pids are reused), and every signal is
+    preceded by that check, so a process that has been replaced by a stranger is never touched.
+    """
+
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        pid: int,
+        start_ticks: int,
+        child: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.pid = pid
+        self.start_ticks = start_ticks
+        self._child = child  # set when we spawned it: we reap it, and know its exit code
+        # Group members seen while the leader lived, swept (each re-checked) once it is gone.
+        self._members: dict[int, int] = {}
+
+    @property
+    def returncode(self) -> int | None:
+        return self._child.poll() if self._child is not None else None
+
+    def is_alive(self) -> bool:
+        # The kernel knows at once (a killed child is a zombie until reaped).
+        alive = is_same_process(self.pid, self.start_ticks)
+        if not alive and self._child is not None and self._child.returncode is None:
+            # Until our child is reaped its pid (the group id) cannot be reused, so the group's
+            # members are surely its workers: note them for the sweep, then reap it.
+            self._members.update(group_members(self.pid))
+            self._child.poll()
+        return alive
+
+    async def wait_exit(self, timeout_s: float) -> bool:
+        """True once the process has exited, False if it still runs after `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.is_alive():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(_EXIT_POLL_S)
+        return True
+
+    async def stop(self, timeout_s: float) -> None:
+        """SIGTERM the group, SIGKILL it after `timeout_s`, sweep what the leader left behind,
+        then wait (bounded) for the port to free. Fine if it already exited; cancelled: killed at
+        once. Raises ProcessSurvived if even SIGKILL did not end it."""
+        try:
+            await self._stop(timeout_s)
+        except asyncio.CancelledError:
+            self.kill_now()
+            raise
+
+    def kill_now(self) -> None:
+        """SIGKILL the group without awaiting; for paths that cannot wait."""
+        self._signal_group(signal.SIGKILL)
+        self._sweep()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return log_tail(self.spec.log_path, lines)
+
+    async def _stop(self, timeout_s: float) -> None:
+        name = self.spec.name
+        if self._signal_group(signal.SIGTERM) and not await self.wait_exit(timeout_s):
+            # Needed in practice: llama_cpp.server finishes an in-flight generation on SIGTERM.
+            note(self.spec, f"still running {timeout_s:g} s after SIGTERM; sending SIGKILL")
+            logger.warning("%s: escalating to SIGKILL (pid %d)", name, self.pid)
+            self._signal_group(signal.SIGKILL)
+            if not await self.wait_exit(_KILL_WAIT_S):
+                logger.error("%s: pid %d survived SIGKILL", name, self.pid)
+                raise ProcessSurvived(f"{name}: pid {self.pid} survived SIGKILL")
+        self._sweep()
+        # Also when it had died already: the leader shows as a zombie while the threads of a
+        # multi-threaded server are still exiting and holding the listening socket.
+        try:
+            await wait_port_free(self.spec.host, self.spec.port, _PORT_RELEASE_S)
+        except TimeoutError:
+            # Our group is gone, so someone else holds the port; the next start will say who.
+            logger.warning("%s: port %d still in use after stop", name, self.spec.port)
+
+    def _signal_group(self, sig: signal.Signals) -> bool:
+        """Signal the group if its leader is still our process; False if it is gone."""
+        if not self.is_alive():
+            return False
+        self._members.update(group_members(self.pid))
+        try:
+            # start_new_session made the server a group leader, so its pid is the group id.
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def _sweep(self) -> None:
+        """SIGKILL group members that outlived the leader (workers ignoring SIGTERM)."""
+        for pid, start in self._members.items():
+            if pid != self.pid and is_same_process(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+async def spawn(spec: LaunchSpec) -> ServerProcess:
+    """Launch the server in a session of its own, output appended to its log; StartError if the
+    port is taken (naming who holds it) or the program cannot be run.
+
+    Popen rather than asyncio's subprocess: asyncio kills its children when their transport is
+    closed, and a server started by `imageworks-loader activate-model` must outlive the command.
+    """
+    if await port_in_use(spec.host, spec.port):
+        raise StartError(port_taken_message(spec))
+    try:
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # The header makes every tail self-explaining: which launch, when, with what argv.
+        note(spec, f"starting {spec.name}: {shlex.join(spec.argv)}")
+        # The child gets its own copy of the descriptor, so ours can close right away.
+        with spec.log_path.open("ab") as log:
+            child = subprocess.Popen(
+                spec.argv,
+                stdin=DEVNULL,
+                stdout=log,
+                stderr=STDOUT,
+                start_new_session=True,
+                env={**os.environ, **spec.env},
+                cwd=spec.cwd,
+            )
+    except OSError as error:
+        raise StartError(
+            f"{spec.name}: could not launch: {error}", log_tail(spec.log_path)
+        ) from error
+    ticks = process_start_ticks(child.pid)
+    if ticks is None:  # it exited before we could even look
+        child.wait()
+        raise StartError(
+            f"{spec.name}: {_describe_exit(child.returncode)} at once (log: {spec.log_path})",
+            log_tail(spec.log_path),
+        )
+    return ServerProcess(spec, child.pid, ticks, child)
+
+
+def port_taken_message(spec: LaunchSpec) -> str:
+    owner = port_owner(spec.port)
+    who = (
+        f"pid {owner.pid} ({shlex.join(owner.command) or 'command unknown'})"
+        if owner is not None
+        else "a process this proxy cannot see"
+    )
+    return (
+        f"{spec.name}: port {spec.port} on {spec.host} is already in use by {who}, which this "
+        "proxy did not start; stop it or choose another CHAT_PROXY_VLLM_PORT"
+    )
+
+
+async def wait_healthy(
+    process: ServerProcess, timeout_s: float, *, poll_interval_s: float = 0.1
+) -> None:
+    """Return once a health path answers 2xx; StartError at once if the process exits, or after
+    `timeout_s`. Does not stop the process: that is the caller's decision."""
+    spec = process.spec
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    base = f"http://{spec.host}:{spec.port}"
+    # trust_env=False: an HTTP(S)_PROXY in the environment must not capture loopback probes.
+    async with httpx.AsyncClient(trust_env=False) as client:
+        while True:
+            for path in spec.health_paths:
+                if not process.is_alive():
+                    code = process.returncode
+                    how = _describe_exit(code) if code is not None else "exited"
+                    raise StartError(
+                        f"{spec.name}: {how} while starting (log: {spec.log_path})",
+                        process.log_tail(),
+                    )
+                budget = min(_HEALTH_REQUEST_MAX_S, deadline - loop.time())
+                if budget <= 0:
+                    raise StartError(
+                        f"{spec.name}: did not become ready within {timeout_s:g} s "
+                        f"(log: {spec.log_path})",
+                        process.log_tail(),
+                    )
+                try:
+                    response = await client.get(base + path, timeout=budget)
+                except httpx.HTTPError:
+                    continue  # not listening yet, or this path hangs: try the next one
+                if response.is_success:
+                    return
+            await asyncio.sleep(poll_interval_s)
+
+
 class ManagedProcess:
-    """One server process in its own process group. Not safe for concurrent start()/stop()."""
+    """A `ServerProcess` with a lifecycle state, for callers that start and stop one server
+    over and over (autostart commands). Not safe for concurrent start()/stop()."""
 
     def __init__(self, spec: LaunchSpec) -> None:
         self.spec = spec
         self._state = ProcessState.STOPPED
-        self._process: asyncio.subprocess.Process | None = None
+        self._server: ServerProcess | None = None
         self._started_at: float | None = None
-        # False once the group has been swept after its leader exited: from then on the pgid may
-        # be reused by an unrelated process group, so we must never signal it again.
-        self._group_open = False
 
     @property
     def state(self) -> ProcessState:
@@ -136,7 +337,7 @@ class ManagedProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+        return self._server.pid if self._server else None
 
     @property
     def started_at(self) -> float | None:
@@ -145,203 +346,91 @@ class ManagedProcess:
 
     @property
     def returncode(self) -> int | None:
-        return self._process.returncode if self._process else None
+        return self._server.returncode if self._server else None
 
     def is_alive(self) -> bool:
-        # The kernel knows at once (a killed child is a zombie until reaped); asyncio's
-        # returncode only once its child watcher has run, which can be after the next request.
-        process = self._process
-        return (
-            process is not None
-            and process.returncode is None
-            and process_start_ticks(process.pid) is not None
-        )
+        return self._server is not None and self._server.is_alive()
 
     async def start(self, timeout_s: float, *, poll_interval_s: float = 0.1) -> None:
         """Spawn the server and return once it answers a health path; raise StartError otherwise.
 
-        Blocks until ready, until the process exits (at once, not at the timeout) or until
-        timeout_s. On any failure, cancellation included, the process group is killed.
-        """
+        On any failure, cancellation included, the process group is killed."""
         if self._state not in (ProcessState.STOPPED, ProcessState.FAILED) or self.is_alive():
             raise RuntimeError(
                 f"{self.spec.name}: start() while {self._state.value}; stop() it first"
             )
         self._state = ProcessState.STARTING
         try:
-            await self._launch(timeout_s, poll_interval_s)
+            self._server = await spawn(self.spec)
+            self._started_at = time.time()
+            await wait_healthy(self._server, timeout_s, poll_interval_s=poll_interval_s)
             self._state = ProcessState.READY
         finally:
             if self._state is ProcessState.STARTING:
-                self.kill_now()
+                if self._server is not None:
+                    await stop_failed_start(self._server)
                 self._state = ProcessState.FAILED
 
     async def stop(self, timeout_s: float) -> None:
-        """SIGTERM the group, SIGKILL it after timeout_s, then wait (bounded) for the port to free.
-
-        Idempotent, and fine if the process already died. A process that survives even SIGKILL
-        (stuck in the kernel) leaves the state FAILED and is logged; stop() does not raise.
+        """SIGTERM, SIGKILL after timeout_s, wait (bounded) for the port. Idempotent. A process
+        that survives even SIGKILL leaves the state FAILED and is logged; stop() does not raise.
         """
         if self._state in (ProcessState.STARTING, ProcessState.STOPPING):
             raise RuntimeError(f"{self.spec.name}: stop() while {self._state.value}")
-        if self._state is ProcessState.STOPPED:
+        if self._state is ProcessState.STOPPED or self._server is None:
+            self._state = ProcessState.STOPPED
             return
         self._state = ProcessState.STOPPING
         try:
-            gone = await self._terminate(timeout_s)
-            if gone and self._process is not None:
-                await self._wait_port_released()
-            self._state = ProcessState.STOPPED if gone else ProcessState.FAILED
+            await self._server.stop(timeout_s)
+            self._state = ProcessState.STOPPED
+        except ProcessSurvived:
+            self._state = ProcessState.FAILED
         finally:
-            if self._state is ProcessState.STOPPING:  # cancelled: do not leave it running
-                self.kill_now()
+            if self._state is ProcessState.STOPPING:  # cancelled: stop() already killed it
                 self._state = ProcessState.FAILED
 
     def kill_now(self) -> None:
-        """SIGKILL the whole process group without awaiting; for cleanup paths that cannot await."""
-        self._signal_group(signal.SIGKILL)
-        if self._process is not None and self._process.returncode is not None:
-            self._group_open = False
+        if self._server is not None:
+            self._server.kill_now()
 
     def log_tail(self, lines: int = 20) -> str:
-        """The last `lines` lines of the log, read backwards from the end (logs grow large)."""
-        if lines <= 0:
-            return ""
-        data = b""
-        try:
-            with self.spec.log_path.open("rb") as log:
-                position = log.seek(0, os.SEEK_END)
-                while position > 0 and data.count(b"\n") <= lines and len(data) < _TAIL_MAX_BYTES:
-                    step = min(_TAIL_BLOCK, position)
-                    position -= step
-                    log.seek(position)
-                    data = log.read(step) + data
-        except FileNotFoundError:
-            return ""
-        return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
+        return log_tail(self.spec.log_path, lines)
 
-    async def _launch(self, timeout_s: float, poll_interval_s: float) -> None:
-        spec = self.spec
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        self.kill_now()  # sweeps what a previous, cancelled launch may have left in its group
-        self._process, self._started_at, self._group_open = None, None, False
-        if await port_in_use(spec.host, spec.port):
-            raise StartError(
-                f"{spec.name}: port {spec.port} is already in use on {spec.host}; "
-                "another server is listening there (a leftover model server?)"
-            )
-        try:
-            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            # The header makes every tail self-explaining: which launch, when, with what argv.
-            self._note(f"starting {spec.name}: {shlex.join(spec.argv)}")
-            # The child gets its own copy of the descriptor, so ours can close right away.
-            with spec.log_path.open("ab") as log:
-                self._process = await asyncio.create_subprocess_exec(
-                    *spec.argv,
-                    stdin=DEVNULL,
-                    stdout=log,
-                    stderr=STDOUT,
-                    start_new_session=True,
-                    env={**os.environ, **spec.env},
-                    cwd=spec.cwd,
-                )
-        except OSError as error:
-            raise StartError(f"{spec.name}: could not launch: {error}", self.log_tail()) from error
-        self._started_at = time.time()
-        self._group_open = True
-        process = self._process
 
-        exited = asyncio.create_task(process.wait())
-        healthy = asyncio.create_task(self._poll_health(deadline, poll_interval_s))
-        try:
-            await asyncio.wait(
-                {exited, healthy},
-                timeout=max(0.0, deadline - loop.time()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            exited.cancel()
-            healthy.cancel()
-            await asyncio.gather(exited, healthy, return_exceptions=True)
-        if exited.done() and not exited.cancelled():
-            raise StartError(
-                f"{spec.name}: {_describe_exit(exited.result())} while starting "
-                f"(log: {spec.log_path})",
-                self.log_tail(),
-            )
-        if healthy.done() and not healthy.cancelled():
-            healthy.result()  # surfaces a bug in the poll instead of calling it ready
-            return
-        await self._terminate(_FAILED_START_STOP_S)
-        raise StartError(
-            f"{spec.name}: did not become ready within {timeout_s:g} s (log: {spec.log_path})",
-            self.log_tail(),
-        )
+async def stop_failed_start(process: ServerProcess) -> None:
+    """Kill a server whose start failed; shielded, so a cancelled start still cleans up."""
+    with contextlib.suppress(ProcessSurvived):
+        await asyncio.shield(process.stop(_FAILED_START_STOP_S))
 
-    async def _poll_health(self, deadline: float, poll_interval_s: float) -> None:
-        """Return once any health path answers 2xx; paths are tried in order each round."""
-        loop = asyncio.get_running_loop()
-        base = f"http://{self.spec.host}:{self.spec.port}"
-        # trust_env=False: an HTTP(S)_PROXY in the environment must not capture loopback probes.
-        async with httpx.AsyncClient(trust_env=False) as client:
-            while True:
-                for path in self.spec.health_paths:
-                    budget = min(_HEALTH_REQUEST_MAX_S, max(deadline - loop.time(), 0.01))
-                    try:
-                        response = await client.get(base + path, timeout=budget)
-                    except httpx.HTTPError:
-                        continue  # not listening yet, or this path hangs: try the next one
-                    if response.is_success:
-                        return
-                await asyncio.sleep(poll_interval_s)
 
-    async def _terminate(self, timeout_s: float) -> bool:
-        """Bring the group down; True once the leader is reaped. State is the caller's business."""
-        process = self._process
-        if process is None:
-            return True
-        if process.returncode is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout_s)
-            except TimeoutError:
-                # Needed in practice: llama_cpp.server finishes an in-flight generation on SIGTERM.
-                self._note(f"still running {timeout_s:g} s after SIGTERM; sending SIGKILL")
-                logger.warning("%s: escalating to SIGKILL (pid %d)", self.spec.name, process.pid)
-                self._signal_group(signal.SIGKILL)
-                try:
-                    await asyncio.wait_for(process.wait(), _KILL_WAIT_S)
-                except TimeoutError:
-                    logger.error("%s: pid %d survived SIGKILL", self.spec.name, process.pid)
-                    return False
-        # The leader waits for the workers it cares about; whatever it left behind is an orphan.
-        self.kill_now()
-        return True
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log, read backwards from the end (logs grow large)."""
+    if lines <= 0:
+        return ""
+    data = b""
+    try:
+        with path.open("rb") as log:
+            position = log.seek(0, os.SEEK_END)
+            while position > 0 and data.count(b"\n") <= lines and len(data) < _TAIL_MAX_BYTES:
+                step = min(_TAIL_BLOCK, position)
+                position -= step
+                log.seek(position)
+                data = log.read(step) + data
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])
 
-    async def _wait_port_released(self) -> None:
-        try:
-            await wait_port_free(self.spec.host, self.spec.port, _PORT_RELEASE_S)
-        except TimeoutError:
-            # Our group is gone, so someone else holds the port; the next start() will say so.
-            logger.warning("%s: port %d still in use after stop", self.spec.name, self.spec.port)
 
-    def _signal_group(self, sig: signal.Signals) -> None:
-        if self._process is None or not self._group_open:
-            return
-        # start_new_session made the child a group leader, so its pid is the group id.
-        with contextlib.suppress(ProcessLookupError):  # the whole group has already exited
-            os.killpg(self._process.pid, sig)
-
-    def _note(self, message: str) -> None:
-        """Append a supervisor line to the log; best effort, the operator log gets it too."""
-        stamp = datetime.now().astimezone().isoformat(timespec="seconds")
-        line = f"\n===== {stamp} imageworks supervisor: {message}\n"
-        try:
-            with self.spec.log_path.open("a", encoding="utf-8") as log:
-                log.write(line)
-        except OSError as error:
-            logger.warning("%s: cannot write log %s: %s", self.spec.name, self.spec.log_path, error)
+def note(spec: LaunchSpec, message: str) -> None:
+    """Append a supervisor line to the server's log; best effort, the operator log gets it too."""
+    stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+    line = f"\n===== {stamp} imageworks supervisor: {message}\n"
+    try:
+        with spec.log_path.open("a", encoding="utf-8") as log:
+            log.write(line)
+    except OSError as error:
+        logger.warning("%s: cannot write log %s: %s", spec.name, spec.log_path, error)
 
 
 def _describe_exit(returncode: int) -> str:

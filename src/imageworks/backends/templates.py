@@ -5,7 +5,8 @@ refuses such entries up front (CHAT_PROXY_REQUIRE_TEMPLATE). A template can come
 - `chat_template.path` in the registry (it must exist);
 - the weights: a GGUF's `tokenizer.chat_template` metadata, or a Hugging Face directory's
   `chat_template.json` / `chat_template.jinja` / `tokenizer_config.json["chat_template"]`;
-- for llama.cpp, a `--chat_format` / `--chat-template` flag in `backend_config.extra_args`.
+- for llama.cpp, a built-in `chat_template.name`, or a `--chat_format` (llama-cpp-python),
+  `--chat-template` or `--chat-template-file` (llama-server) flag in `backend_config.extra_args`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from imageworks.backends.argv import flags_in
 from imageworks.registry.paths import resolve_local_path, weights_path
 from imageworks.registry.schema import RegistryEntry
 
-TEMPLATE_FLAGS = frozenset({"chat-format", "chat-template", "chat-template-file", "jinja"})
+TEMPLATE_FLAGS = frozenset({"chat-format", "chat-template", "chat-template-file"})
 GGUF_TEMPLATE_KEY = "tokenizer.chat_template"
 
 
@@ -37,8 +38,11 @@ def check_chat_template(entry: RegistryEntry, registry_dir: Path) -> TemplateChe
         if configured.is_file():
             return TemplateCheck(True, f"chat_template.path {configured}")
         return TemplateCheck(False, f"its chat_template.path {configured} does not exist")
-    if entry.backend == "llamacpp" and flags_in(entry.backend_config.extra_args) & TEMPLATE_FLAGS:
-        return TemplateCheck(True, "a chat format flag in backend_config.extra_args")
+    if entry.backend == "llamacpp":
+        if entry.chat_template.name is not None:
+            return TemplateCheck(True, f"chat_template.name {entry.chat_template.name}")
+        if flags_in(entry.backend_config.extra_args) & TEMPLATE_FLAGS:
+            return TemplateCheck(True, "a chat template flag in backend_config.extra_args")
     weights = weights_path(entry, registry_dir)
     if weights is None or not weights.exists():
         # Nothing to read a template from; starting the model will report the missing weights.

@@ -23,7 +23,7 @@ def vllm_argv(
     host: str,
     port: int,
     gpu_memory_utilization: float,
-    max_model_len: int | None,
+    max_model_len: int | None,  # overrides the entry's backend_config.context_length
     launcher: Sequence[str] = DEFAULT_LAUNCHER,
 ) -> list[str]:
     model = weights_path(entry, registry_dir)
@@ -37,12 +37,18 @@ def vllm_argv(
         ("--port", str(port)),
         ("--gpu-memory-utilization", f"{gpu_memory_utilization:g}"),
     ]
-    if max_model_len is not None:
-        defaults.append(("--max-model-len", str(max_model_len)))
+    config = entry.backend_config
+    # CHAT_PROXY_VLLM_MAX_MODEL_LEN is the runbook's override: it beats the entry's intent.
+    context = max_model_len if max_model_len is not None else config.context_length
+    if context is not None:
+        defaults.append(("--max-model-len", str(context)))
+    if config.parallel is not None:
+        defaults.append(("--max-num-seqs", str(config.parallel)))
     template = resolve_local_path(entry.chat_template.path, registry_dir)
     if template is not None:
         defaults.append(("--chat-template", str(template)))
-    return [*launcher, *merge_args(defaults, entry.backend_config.extra_args)]
+    # chat_template.name is llama.cpp's (vLLM has no built-in templates); the weights' is used.
+    return [*launcher, *merge_args(defaults, config.extra_args)]
 
 
 def vllm_launch(

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
-from imageworks.chat_proxy.protocol import ProxyError, error_body
+from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body
 from imageworks.chat_proxy.routes import router
 from imageworks.chat_proxy.services import running_services
 from imageworks.config import RegistrySettings
@@ -45,7 +45,7 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
 
     @app.exception_handler(ProxyError)
     async def proxy_error(_: Request, exc: ProxyError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -61,9 +61,10 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         # A bug, not a client error: log it fully, answer in the OpenAI shape all the same.
+        # (Chat completions never get here: their own owner records and answers them.)
         log.error("unhandled error", exc_info=exc)
-        body = error_body(f"Internal proxy error: {type(exc).__name__}", "server_error")
-        return JSONResponse(body, status_code=500)
+        error = InternalError(f"Internal proxy error: {type(exc).__name__}")
+        return JSONResponse(error.body(), status_code=error.status)
 
     return app
 

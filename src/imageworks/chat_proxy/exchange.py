@@ -16,7 +16,10 @@ CLIENT_CLOSED = 499
 
 @dataclass
 class Exchange:
-    """What we learn about one request as it goes, for the log line and the metrics."""
+    """What we learn about one request as it goes, for the log line and the metrics.
+
+    Its outcome is "cancelled" until `end` says otherwise: a request that stops without an
+    answer (the client left, the server shut down) is one the client abandoned."""
 
     request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:16]}")
     started_at: float = field(default_factory=time.time)
@@ -29,11 +32,17 @@ class Exchange:
     prompt: Any = None
     response: Any = None  # a non-streamed answer's choices (logged only with log_prompts)
     response_text: list[str] = field(default_factory=list)  # a streamed answer's text pieces
-    relay_started: bool = False
+    status: int = CLIENT_CLOSED
+    outcome: Outcome = "cancelled"
+    error: str | None = "client disconnected"
+    ended: bool = False
 
-    def record(
-        self, status: int, outcome: Outcome, error: str | None, log_prompts: bool
-    ) -> RequestRecord:
+    def end(self, status: int, outcome: Outcome, error: str | None = None) -> None:
+        """Settle the outcome; the first call wins (an answer that was sent stays sent)."""
+        if not self.ended:
+            self.status, self.outcome, self.error, self.ended = status, outcome, error, True
+
+    def record(self, log_prompts: bool) -> RequestRecord:
         now = time.perf_counter()
         usage = self.usage or {}
         return RequestRecord(
@@ -43,14 +52,14 @@ class Exchange:
             model_resolved=self.entry.name if self.entry else None,
             backend=self.entry.backend if self.entry else None,
             stream=self.stream,
-            status=status,
-            outcome=outcome,
+            status=self.status,
+            outcome=self.outcome,
             latency_ms=(now - self.started) * 1000,
             ttft_ms=(self.first_token - self.started) * 1000 if self.first_token else None,
             prompt_tokens=_count(usage.get("prompt_tokens")),
             completion_tokens=_count(usage.get("completion_tokens")),
             total_tokens=_count(usage.get("total_tokens")),
-            error=error,
+            error=self.error,
             prompt=self.prompt if log_prompts else None,
             response=(self.response or "".join(self.response_text)) if log_prompts else None,
         )

@@ -1,17 +1,21 @@
 """The OpenAI wire protocol as the proxy speaks it: request checks, error envelopes, SSE framing.
 
-Errors (one handler in `app.py` renders them as `{"error": {message, type, param, code}}`):
+Errors, rendered as `{"error": {message, type, param, code}}` by one handler in `app.py`, or by
+the chat owner itself (`sse.Reply.fail`: the same body, or an SSE error event once a stream began):
 
-    ProxyError                      status, type, message, param, code
+    ProxyError                      status, type, message, param, code (, headers)
     ├── InvalidRequest      400     malformed JSON or a body that is not a chat request
     │   └── CapabilityError 400     the model lacks what the request needs (vision, tools)
     ├── PayloadTooLarge     413     an image (or all of them) beyond CHAT_PROXY_MAX_IMAGE_BYTES
     ├── ModelNotFound       404     no registry entry answers to `model` (lists close names)
     ├── NotFoundError       404     an endpoint that is switched off
     ├── BackendUnavailable  503     the backend cannot be reached or started (names it)
+    │   └── QueueTimeout    503     waited too long for the GPU slot (with Retry-After)
     ├── BadGateway          502     the backend answered with something that is not OpenAI
+    │   └── StreamTruncated 502     a stream ended before any choice had a finish_reason
     ├── BackendTimeout      504     the backend said nothing within the configured time
-    └── UpstreamError       4xx/5xx the backend's own error, passed through with its status
+    ├── UpstreamError       4xx/5xx the backend's own error, passed through with its status
+    └── InternalError       500     a bug in the proxy (logged with its traceback)
 
 This module imports no web framework, HTTP client or process code.
 """
@@ -19,6 +23,7 @@ This module imports no web framework, HTTP client or process code.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +43,10 @@ class ProxyError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the error response carries besides its body."""
+        return {}
 
 
 class InvalidRequest(ProxyError):
@@ -78,9 +87,25 @@ class BackendUnavailable(ProxyError):
     type = "backend_error"
 
 
+class QueueTimeout(BackendUnavailable):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, code="queue_timeout")
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        # Whole seconds, at least 1 (a non-finite guess is no guess: try again soon).
+        wait = self.retry_after_s if math.isfinite(self.retry_after_s) else 1.0
+        return {"Retry-After": str(max(1, math.ceil(wait)))}
+
+
 class BadGateway(ProxyError):
     status = 502
     type = "backend_error"
+
+
+class StreamTruncated(BadGateway):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="stream_truncated")
 
 
 class BackendTimeout(ProxyError):
@@ -100,6 +125,11 @@ class UpstreamError(ProxyError):
 
     def body(self) -> dict[str, Any]:
         return self._body
+
+
+class InternalError(ProxyError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="internal_error")
 
 
 def error_body(

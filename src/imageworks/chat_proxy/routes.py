@@ -11,7 +11,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from imageworks.chat_proxy.protocol import InvalidRequest, NotFoundError, ProxyError
+from imageworks.backends.base import BackendNotReady
+from imageworks.chat_proxy.protocol import (
+    BackendUnavailable,
+    InvalidRequest,
+    NotFoundError,
+    ProxyError,
+)
 from imageworks.chat_proxy.services import Services
 
 router = APIRouter(prefix="/v1")
@@ -41,15 +47,9 @@ async def models(request: Request) -> Response:
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request) -> Any:
-    body = await request.body()
-
-    async def client_gone() -> None:
-        # After the body is read, the next ASGI message is the disconnect (or never comes).
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    return await _services(request).chat.handle(body, client_gone)
+async def chat_completions(request: Request) -> Response:
+    # The response runs the whole request, and stops it the moment the client goes away.
+    return _services(request).chat.handle(await request.body())
 
 
 @router.get("/metrics")
@@ -97,7 +97,11 @@ async def admin_activate(request: Request) -> Response:
 
 @router.post("/admin/stop")
 async def admin_stop(request: Request) -> Response:
-    """Stop the model holding the GPU, once its requests have finished."""
+    """Stop the model holding the GPU once its requests have finished (requests arriving
+    meanwhile wait behind the stop)."""
     services = _services(request)
-    await services.slot.release()
+    try:
+        await services.slot.stop()
+    except BackendNotReady as exc:  # the process survived the stop: the slot keeps it
+        raise BackendUnavailable(str(exc), code="stop_failed") from exc
     return JSONResponse(await _admin_status(services))

@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from imageworks.backends.autostart import Autostarter
 from imageworks.backends.base import BackendNotReady
@@ -16,19 +15,21 @@ from imageworks.backends.external import ExternalBackend
 from imageworks.backends.gpu import GpuSlot
 from imageworks.backends.managed import (
     GpuEffects,
-    GpuHolder,
+    LaunchPlan,
     ManagedBackend,
     OllamaBackend,
-    adopt_running_model,
+    Slot,
+    find_running_server,
 )
 from imageworks.backends.ollama import OllamaManager
-from imageworks.backends.router import BackendRouter, LaunchSettings, launch_spec
-from imageworks.backends.state import AdoptedProcess, StateFile
-from imageworks.backends.supervisor import LaunchSpec, ManagedProcess
+from imageworks.backends.router import BackendRouter, launch_spec
+from imageworks.backends.slot import Rules
+from imageworks.backends.state import StateFile
 from imageworks.chat_proxy.catalog import Catalog
 from imageworks.chat_proxy.chat import ChatRules, ChatService
 from imageworks.chat_proxy.config import ProxySettings
 from imageworks.chat_proxy.forwarding import Forwarder, new_client
+from imageworks.chat_proxy.launching import launch_settings
 from imageworks.chat_proxy.normalize.request import RequestRules
 from imageworks.chat_proxy.normalize.vision import ImagePolicy
 from imageworks.chat_proxy.observe import Metrics, RequestLog
@@ -46,7 +47,7 @@ class Services:
     settings: ProxySettings
     started: float
     catalog: Catalog
-    slot: GpuSlot[GpuHolder]
+    slot: Slot
     chat: ChatService
     metrics: Metrics
     state_file: StateFile
@@ -67,12 +68,31 @@ async def running_services(
     await asyncio.to_thread(_refresh_merged_file, store)
 
     launches = launch_settings(settings, registry.registry_dir)
+    plans: dict[int, tuple[RegistryEntry, LaunchPlan]] = {}
 
-    def spec_for(model: str) -> tuple[LaunchSpec, RegistryEntry]:
-        entry = catalog.entry(model)
+    def plan_for(entry: RegistryEntry) -> LaunchPlan:
+        """How `entry` is launched (BackendNotReady if it cannot be), once per entry object:
+        a registry reload makes new entries, and with them new plans."""
+        cached = plans.get(id(entry))
+        if cached is not None and cached[0] is entry:
+            return cached[1]
+        plan = LaunchPlan(entry, launch_spec(entry, launches))
+        if len(plans) > 1024:  # entries of old registry snapshots
+            plans.clear()
+        plans[id(entry)] = (entry, plan)
+        return plan
+
+    def plan_named(name: str) -> LaunchPlan | None:
+        entry = catalog.entry(name)
         if entry is None:
-            raise BackendNotReady(f"{model}: no longer in the registry")
-        return launch_spec(entry, launches), entry
+            return None
+        try:
+            return plan_for(entry)
+        except BackendNotReady:
+            return None
+
+    def idle_ttl(entry: RegistryEntry) -> float | None:
+        return entry.ttl_s or settings.idle_ttl_s or None
 
     client = new_client()
     metrics = Metrics(settings.metrics_window_s)
@@ -86,36 +106,35 @@ async def running_services(
         return ollama_managers[root]
 
     effects = GpuEffects(
-        spec_for,
         state_file,
         ollama,
         registry.ollama_host,
         start_timeout_s=settings.vllm_start_timeout_s,
         stop_timeout_s=settings.vllm_stop_timeout_s,
+        health_timeout_s=settings.vllm_health_timeout_s,
     )
-
-    def idle_ttl(model: str) -> float | None:
-        entry = catalog.entry(model)
-        ttl = entry.ttl_s if entry is not None and entry.ttl_s else settings.idle_ttl_s
-        return ttl or None
-
-    slot: GpuSlot[GpuHolder] = GpuSlot(
+    slot: Slot = GpuSlot(
         effects,
-        drain_timeout_s=settings.drain_timeout_s,
-        idle_ttl_s=idle_ttl,
+        Rules(drain_timeout_s=settings.drain_timeout_s, queue_timeout_s=settings.queue_timeout_s),
         on_swap=lambda _model, seconds: metrics.record_swap(seconds),
     )
+    slot.open()
+    background: list[asyncio.Task[None]] = []
     if settings.vllm_single_port:
-        adopted = await adopt_running_model(
-            state_file,
-            lambda name: catalog.entry(name) is not None,
-            settings.vllm_port,
-            stop_timeout_s=settings.vllm_stop_timeout_s,
-            health_timeout_s=settings.vllm_health_timeout_s,
-            client=client,
-        )
-        if adopted is not None:
-            slot.adopt(*adopted)
+        try:
+            adoption = await find_running_server(state_file, plan_named, settings.vllm_port)
+        except (OSError, TimeoutError) as exc:  # starts will fail with the same reason, clearly
+            log.warning("cannot read the state file %s: %s", state_file.path, exc)
+            adoption = None
+        if adoption is not None:
+            ttl = idle_ttl(adoption.plan.entry) if adoption.plan is not None else None
+            slot.adopt(
+                adoption.key,
+                adoption.plan,
+                adoption.process,
+                idle_ttl_s=ttl,
+                serve=adoption.servable,
+            )
     autostarter = (
         Autostarter(
             settings.autostart_map,
@@ -127,7 +146,7 @@ async def running_services(
         else None
     )
     router = BackendRouter(
-        managed=ManagedBackend(slot),
+        managed=ManagedBackend(slot, plan_for, idle_ttl),
         ollama=OllamaBackend(slot, registry.ollama_host, settings.loopback_alias),
         external=ExternalBackend(registry.ollama_host, settings.loopback_alias, autostarter),
         vllm_single_port=settings.vllm_single_port,
@@ -141,12 +160,11 @@ async def running_services(
     request_log.start()
     forwarder = Forwarder(client, settings.backend_timeout_s, settings.stream_idle_timeout_s)
     chat = ChatService(catalog, router, forwarder, request_log, metrics, chat_rules(settings))
-    refresher = asyncio.create_task(catalog.keep_installed_states_fresh())
-    reaper = asyncio.create_task(slot.release_when_idle())
+    background.append(asyncio.create_task(catalog.keep_installed_states_fresh()))
     try:
         yield Services(settings, time.monotonic(), catalog, slot, chat, metrics, state_file)
     finally:
-        for task in (refresher, reaper):
+        for task in background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -154,34 +172,13 @@ async def running_services(
             await autostarter.close()
         if settings.leave_model_running:
             log.info("leaving the model process running for the next proxy to adopt")
-        else:
-            await _stop_managed_model(slot, settings.vllm_stop_timeout_s)
+        # Bounded: past it the model process is killed (SIGKILL) rather than left behind.
+        await slot.close(
+            stop_holder=not settings.leave_model_running,
+            timeout_s=settings.vllm_stop_timeout_s + 20,
+        )
         await client.aclose()
         await asyncio.to_thread(request_log.close)
-
-
-async def _stop_managed_model(slot: GpuSlot[GpuHolder], stop_timeout_s: float) -> None:
-    """The model process we hold must not outlive us (bounded: SIGKILL as a last resort)."""
-    holder = slot.holder
-    try:
-        await asyncio.wait_for(slot.release(), timeout=stop_timeout_s + 20)
-    except TimeoutError:
-        if isinstance(holder, ManagedProcess | AdoptedProcess):
-            log.warning("model process did not stop in time; killing it")
-            holder.kill_now()
-
-
-def launch_settings(settings: ProxySettings, registry_dir: Path) -> LaunchSettings:
-    """How managed model servers are started (shared with `imageworks-loader activate-model`)."""
-    return LaunchSettings(
-        registry_dir=registry_dir,
-        port=settings.vllm_port,
-        log_dir=settings.backend_log_dir,
-        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-        max_model_len=settings.vllm_max_model_len,
-        vllm_launcher=tuple(settings.vllm_launcher),
-        llama_server_binary=settings.llama_server_binary,
-    )
 
 
 def chat_rules(settings: ProxySettings) -> ChatRules:

@@ -1,9 +1,9 @@
 """`activate-model` and `current-model`, with or without a running proxy.
 
 With a proxy on the configured address, its admin endpoints do the work, so its GPU slot stays
-in charge. Without one, the loader does what the slot would: under the state file's lock it
-stops the recorded model server, asks Ollama to unload, starts the new server detached (it must
-outlive this command) and records it for the next proxy to adopt.
+in charge. Without one, the loader runs the slot's own effects (`backends.managed.GpuEffects`):
+it stops the recorded model server, asks Ollama to unload, starts the new server (which outlives
+this command) and records it, from the moment it spawns, for the next proxy to adopt.
 """
 
 from __future__ import annotations
@@ -11,21 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
-import signal
-import subprocess
-import time
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from imageworks.backends.base import BackendNotReady
-from imageworks.backends.ollama import OllamaManager, OllamaUnavailable
-from imageworks.backends.procfs import process_start_ticks
+from imageworks.backends.managed import GpuEffects, LaunchPlan
+from imageworks.backends.ollama import OllamaManager
 from imageworks.backends.router import LaunchSettings, launch_spec
-from imageworks.backends.state import AdoptedProcess, ManagedState, StateFile
-from imageworks.backends.supervisor import LaunchSpec, ManagedProcess, port_in_use
+from imageworks.backends.state import ManagedState, StateFile, recorded_process
+from imageworks.backends.supervisor import ProcessSurvived
 from imageworks.chat_proxy.config import ProxySettings
 from imageworks.registry.schema import RegistryEntry
 
@@ -63,99 +59,81 @@ def current(state_file: StateFile) -> ManagedState | None:
 
 def stop(state_file: StateFile, stop_timeout_s: float) -> ManagedState | None:
     """Stop the recorded model server, if one runs; returns what was stopped."""
-    with state_file.locked():
-        state = state_file.live()
-        if state is not None:
-            asyncio.run(AdoptedProcess(state).stop(stop_timeout_s))
-            state_file.clear()
-        return state
+    return asyncio.run(_stop(state_file, stop_timeout_s))
+
+
+async def _stop(state_file: StateFile, stop_timeout_s: float) -> ManagedState | None:
+    running = await asyncio.to_thread(current, state_file)
+    if running is None:
+        return None
+    # Stopping a model server asks nothing of Ollama, so no Ollama address is needed.
+    async with _effects(state_file, None, start_timeout_s=0, stop_timeout_s=stop_timeout_s) as fx:
+        await _stop_recorded(fx, running)
+    return running
 
 
 def activate(
     entry: RegistryEntry, settings: ProxySettings, launches: LaunchSettings, ollama_host: str
 ) -> ManagedState:
-    """Start `entry`'s server (stopping another one first) and record it; no proxy involved."""
+    """Start `entry`'s server (stopping another one first) and record it; no proxy involved.
+    The same effects as the proxy's GPU slot: the record is written as the process spawns, a
+    failed start kills what it spawned, and Ollama is asked to unload first."""
     try:
-        spec = launch_spec(entry, launches)
+        plan = LaunchPlan(entry, launch_spec(entry, launches))
     except BackendNotReady as exc:
         raise ActivationError(str(exc)) from exc
     state_file = StateFile(settings.vllm_state_path)
-    with state_file.locked():
-        running = state_file.live()
-        if running is not None and running.entry == entry.name:
-            return running
+    return asyncio.run(_activate(plan, state_file, settings, ollama_host))
+
+
+async def _activate(
+    plan: LaunchPlan, state_file: StateFile, settings: ProxySettings, ollama_host: str
+) -> ManagedState:
+    timeouts = {
+        "start_timeout_s": settings.vllm_start_timeout_s,
+        "stop_timeout_s": settings.vllm_stop_timeout_s,
+    }
+    async with _effects(state_file, ollama_host, **timeouts) as effects:
+        running = await asyncio.to_thread(current, state_file)
         if running is not None:
-            asyncio.run(AdoptedProcess(running).stop(settings.vllm_stop_timeout_s))
-            state_file.clear()
-        asyncio.run(_unload_ollama(ollama_host))
-        state = _start_detached(entry, spec, settings.vllm_start_timeout_s)
-        state_file.write(state)
-        return state
+            if running.entry == plan.entry.name and tuple(running.command) == plan.spec.argv:
+                return running
+            await _stop_recorded(effects, running)
+        try:
+            # The process outlives this command: spawn uses Popen, which nothing kills at exit.
+            await effects.start(plan.key, plan)
+        except BackendNotReady as exc:
+            raise ActivationError(str(exc)) from exc
+    started = await asyncio.to_thread(current, state_file)
+    if started is None:
+        raise ActivationError(f"{plan.entry.name} started but exited at once")
+    return started
 
 
-async def _unload_ollama(root: str) -> None:
+async def _stop_recorded(effects: GpuEffects, running: ManagedState) -> None:
+    try:
+        await effects.stop(recorded_process(running))
+    except ProcessSurvived as exc:
+        raise ActivationError(str(exc)) from exc
+
+
+@contextlib.asynccontextmanager
+async def _effects(
+    state_file: StateFile,
+    ollama_host: str | None,
+    *,
+    start_timeout_s: float,
+    stop_timeout_s: float,
+) -> AsyncIterator[GpuEffects]:
     async with httpx.AsyncClient(trust_env=False) as client:
-        # An Ollama we cannot reach holds nothing we could free.
-        with contextlib.suppress(OllamaUnavailable):
-            await OllamaManager(root, client).unload_all()
-
-
-def _start_detached(entry: RegistryEntry, spec: LaunchSpec, timeout_s: float) -> ManagedState:
-    """Popen, not asyncio: an asyncio child is killed when its event loop closes, and this
-    one has to outlive the command."""
-    if asyncio.run(port_in_use(spec.host, spec.port)):
-        raise ActivationError(f"port {spec.port} is already in use on {spec.host}")
-    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with spec.log_path.open("ab") as log:
-        log.write(f"\n===== {datetime.now(UTC).isoformat()} imageworks-loader: starting\n".encode())
-        log.flush()
-        process = subprocess.Popen(
-            spec.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **spec.env},
-            cwd=spec.cwd,
+        yield GpuEffects(
+            state_file,
+            lambda root: OllamaManager(root, client),
+            ollama_host,
+            start_timeout_s=start_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+            owner="loader",
         )
-    if not _wait_healthy(process, spec, timeout_s):
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        tail = ManagedProcess(spec).log_tail()
-        raise ActivationError(
-            f"{entry.name} did not start (exit code {process.returncode}); "
-            f"log {spec.log_path}:\n{tail}"
-        )
-    ticks = process_start_ticks(process.pid)
-    assert ticks is not None  # it just answered its health check
-    return ManagedState(
-        entry=entry.name,
-        served_model_id=entry.upstream_model_id,
-        backend=entry.backend,
-        port=spec.port,
-        pid=process.pid,
-        process_start=ticks,
-        command=list(spec.argv),
-        started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        log_path=str(spec.log_path),
-        owner="loader",
-    )
-
-
-def _wait_healthy(process: subprocess.Popen[bytes], spec: LaunchSpec, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    base = f"http://{spec.host}:{spec.port}"
-    with httpx.Client(trust_env=False, timeout=1.0) as client:
-        while time.monotonic() < deadline and process.poll() is None:
-            for path in spec.health_paths:
-                try:
-                    if client.get(base + path).is_success:
-                        return True
-                except httpx.HTTPError:
-                    continue
-            time.sleep(0.1)
-    return False
 
 
 def state_json(state: ManagedState | None) -> dict[str, Any] | None:

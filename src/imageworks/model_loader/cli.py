@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from imageworks.backends.state import StateFile, StateLockTimeout
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
-from imageworks.chat_proxy.services import launch_settings
+from imageworks.chat_proxy.launching import launch_settings
 from imageworks.config import RegistrySettings
 from imageworks.model_loader.activation import (
     ActivationError,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imageworks.registry.capabilities import (
     canonical_capabilities,
@@ -34,7 +34,11 @@ class BackendConfig(_Section):
     port: int = 0  # 0 means "the backend's default port"
     base_url: str | None = None
     model_path: str = ""
-    extra_args: list[str] = Field(default_factory=list)
+    # Intent for managed servers; each launcher turns these into its own flags (llama-server:
+    # --ctx-size/--parallel, llama-cpp-python: --n_ctx, vLLM: --max-model-len/--max-num-seqs).
+    context_length: int | None = Field(default=None, gt=0)  # tokens one request may use
+    parallel: int | None = Field(default=None, gt=0)  # requests served at the same time
+    extra_args: list[str] = Field(default_factory=list)  # passed raw, after ours; they win
 
     @field_validator("host", "base_url", mode="before")
     @classmethod
@@ -56,8 +60,22 @@ class BackendConfig(_Section):
 
 class ChatTemplate(_Section):
     source: str = "embedded"  # embedded | external | extracted
-    path: str | None = None
+    path: str | None = None  # a template file
+    name: str | None = None  # a template built into llama.cpp, e.g. `gemma` or `chatml`
     sha256: str | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
+
+    @model_validator(mode="after")
+    def _one_template(self) -> ChatTemplate:
+        if self.name is not None and self.path is not None:
+            raise ValueError("set chat_template.name or chat_template.path, not both")
+        return self
 
 
 class GenerationDefaults(_Section):

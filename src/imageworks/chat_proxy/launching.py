@@ -1,0 +1,30 @@
+"""How managed model servers are started, from the settings: shared by the proxy and
+`imageworks-loader activate-model`. Imports config and backends only (no web wiring), so the
+loader does not pull in the web stack to start a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imageworks.backends.llamacpp import LlamaCppPython, LlamaLauncher, find_llama_server
+from imageworks.backends.router import LaunchSettings
+from imageworks.chat_proxy.config import ProxySettings
+
+
+def launch_settings(settings: ProxySettings, registry_dir: Path) -> LaunchSettings:
+    """Call once per process start: it looks for the llama-server binary."""
+    return LaunchSettings(
+        registry_dir=registry_dir,
+        port=settings.vllm_port,
+        log_dir=settings.backend_log_dir,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        max_model_len=settings.vllm_max_model_len,
+        llamacpp=llamacpp_launcher(settings),
+        vllm_launcher=tuple(settings.vllm_launcher),
+    )
+
+
+def llamacpp_launcher(settings: ProxySettings) -> LlamaLauncher:
+    if settings.llamacpp_launcher == "llama-cpp-python":
+        return LlamaCppPython()  # CHAT_PROXY_LLAMA_SERVER_BINARY does not apply
+    return find_llama_server(settings.llama_server_binary)
