@@ -49,11 +49,12 @@ signal.pause()
 """
 
 
-def wrapper(tmp_path: Path, name: str, script: str) -> Path:
-    path = tmp_path / name
+def serve_through(ws: Workspace, script: str, **env: str) -> None:
+    """Start the demo's llama-server through `script` (a wrapper around the real binary)."""
+    path = ws.root / "model-server"
     path.write_text(script)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return path
+    ws.extra_env.update(CHAT_PROXY_LLAMA_SERVER_BINARY=str(path), **env)
 
 
 @pytest.fixture
@@ -108,10 +109,9 @@ def chat_in_background(proxy: RunningProxy, model: str) -> threading.Thread:
 
 
 def test_proxy_killed_while_its_model_starts_is_adopted_by_the_next_proxy(
-    ws: Workspace, tmp_path: Path, real_server: str
+    ws: Workspace, real_server: str
 ) -> None:
-    slow = wrapper(tmp_path, "slow-server", SLOW_START.format(delay=2, server=real_server))
-    ws.extra_env["CHAT_PROXY_LLAMA_SERVER_BINARY"] = str(slow)
+    serve_through(ws, SLOW_START.format(delay=2, server=real_server))
     first = ws.start_proxy()
     chat_in_background(first, SMOL)
     record = wait_for(lambda: state_record(ws), "the state file to record the spawned process")
@@ -133,11 +133,25 @@ def test_proxy_killed_while_its_model_starts_is_adopted_by_the_next_proxy(
     assert not pid_alive(record["pid"])
 
 
-def test_proxy_killed_while_its_model_starts_then_another_model_is_asked_for(
-    ws: Workspace, tmp_path: Path, real_server: str
+def test_proxy_stopped_while_its_model_starts_kills_the_start_and_leaves_no_record(
+    ws: Workspace, real_server: str
 ) -> None:
-    slow = wrapper(tmp_path, "slow-server", SLOW_START.format(delay=2, server=real_server))
-    ws.extra_env["CHAT_PROXY_LLAMA_SERVER_BINARY"] = str(slow)
+    serve_through(ws, SLOW_START.format(delay=30, server=real_server))
+    proxy = ws.start_proxy()
+    chat_in_background(proxy, SMOL)
+    record = wait_for(lambda: state_record(ws), "the spawned process's record")
+    began = time.monotonic()
+    shut_down(proxy)  # SIGTERM half-way through the swap: the start is cancelled, not orphaned
+    assert time.monotonic() - began < 25  # the waiting request did not hold the shutdown
+    assert not pid_alive(record["pid"])
+    assert processes_listening_on(ws.model_port) == []
+    assert state_record(ws) is None
+
+
+def test_proxy_killed_while_its_model_starts_then_another_model_is_asked_for(
+    ws: Workspace, real_server: str
+) -> None:
+    serve_through(ws, SLOW_START.format(delay=2, server=real_server))
     first = ws.start_proxy()
     chat_in_background(first, SMOL)
     record = wait_for(lambda: state_record(ws), "the spawned process's record")
@@ -155,12 +169,11 @@ def test_proxy_killed_while_its_model_starts_then_another_model_is_asked_for(
 
 
 def test_loader_killed_while_its_model_starts_leaves_a_record_the_proxy_adopts(
-    ws: Workspace, tmp_path: Path, real_server: str
+    ws: Workspace, real_server: str
 ) -> None:
     # `activate-model` without a proxy runs the slot's own effects: the record is written as
     # the process spawns, owned by the loader, and the process outlives the command.
-    slow = wrapper(tmp_path, "slow-server", SLOW_START.format(delay=2, server=real_server))
-    ws.extra_env["CHAT_PROXY_LLAMA_SERVER_BINARY"] = str(slow)
+    serve_through(ws, SLOW_START.format(delay=2, server=real_server))
     loader = subprocess.Popen([str(LOADER), "activate-model", SMOL], cwd=ws.root, env=ws.env())
     record = wait_for(lambda: state_record(ws), "the loader's record of the spawned process")
     assert (record["phase"], record["owner"]) == ("starting", "loader")
@@ -178,16 +191,10 @@ def test_loader_killed_while_its_model_starts_leaves_a_record_the_proxy_adopts(
 
 
 def test_proxy_killed_while_its_model_stops_leaves_nothing_behind(
-    ws: Workspace, tmp_path: Path, real_server: str
+    ws: Workspace, real_server: str
 ) -> None:
-    stubborn = wrapper(
-        tmp_path,
-        "stubborn-server",
-        IGNORES_SIGTERM.format(python=sys.executable, server=real_server),
-    )
-    ws.extra_env.update(
-        CHAT_PROXY_LLAMA_SERVER_BINARY=str(stubborn), CHAT_PROXY_VLLM_STOP_TIMEOUT_S="3"
-    )
+    stubborn = IGNORES_SIGTERM.format(python=sys.executable, server=real_server)
+    serve_through(ws, stubborn, CHAT_PROXY_VLLM_STOP_TIMEOUT_S="3")
     first = ws.start_proxy()
     assert first.chat(SMOL, max_tokens=4).status_code == 200
     pid = wait_for(lambda: (state_record(ws) or {}).get("pid"), "a recorded process")
@@ -212,16 +219,10 @@ def test_proxy_killed_while_its_model_stops_leaves_nothing_behind(
 
 
 def test_a_model_server_that_ignores_sigterm_is_killed_and_replaced(
-    ws: Workspace, tmp_path: Path, real_server: str
+    ws: Workspace, real_server: str
 ) -> None:
-    stubborn = wrapper(
-        tmp_path,
-        "stubborn-server",
-        IGNORES_SIGTERM.format(python=sys.executable, server=real_server),
-    )
-    ws.extra_env.update(
-        CHAT_PROXY_LLAMA_SERVER_BINARY=str(stubborn), CHAT_PROXY_VLLM_STOP_TIMEOUT_S="1"
-    )
+    stubborn = IGNORES_SIGTERM.format(python=sys.executable, server=real_server)
+    serve_through(ws, stubborn, CHAT_PROXY_VLLM_STOP_TIMEOUT_S="1")
     proxy = ws.start_proxy()
     try:
         assert proxy.chat(SMOL, max_tokens=4).status_code == 200
@@ -281,10 +282,10 @@ def test_a_stranger_on_the_model_port_is_named_in_the_503(ws: Workspace) -> None
 
 
 def test_a_request_waiting_past_the_queue_timeout_gets_retry_after_and_the_start_goes_on(
-    ws: Workspace, tmp_path: Path, real_server: str
+    ws: Workspace, real_server: str
 ) -> None:
-    slow = wrapper(tmp_path, "slow-server", SLOW_START.format(delay=3, server=real_server))
-    ws.extra_env.update(CHAT_PROXY_LLAMA_SERVER_BINARY=str(slow), CHAT_PROXY_QUEUE_TIMEOUT_S="1")
+    slow = SLOW_START.format(delay=3, server=real_server)
+    serve_through(ws, slow, CHAT_PROXY_QUEUE_TIMEOUT_S="1")
     proxy = ws.start_proxy()
     try:
         began = time.monotonic()
@@ -302,10 +303,9 @@ def test_a_request_waiting_past_the_queue_timeout_gets_retry_after_and_the_start
 
 
 def test_a_start_whose_only_client_left_is_stopped_rather_than_finished(
-    ws: Workspace, tmp_path: Path, real_server: str
+    ws: Workspace, real_server: str
 ) -> None:
-    slow = wrapper(tmp_path, "slow-server", SLOW_START.format(delay=30, server=real_server))
-    ws.extra_env["CHAT_PROXY_LLAMA_SERVER_BINARY"] = str(slow)
+    serve_through(ws, SLOW_START.format(delay=30, server=real_server))
     proxy = ws.start_proxy()
     try:
         with pytest.raises(httpx.ReadTimeout):

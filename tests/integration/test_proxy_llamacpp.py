@@ -115,8 +115,8 @@ def _stream_chunks(proxy: RunningProxy, start: threading.Barrier) -> list[dict[s
     return [json.loads(d) for d in data[:-1]]
 
 
-def test_concurrent_streams_each_get_content_and_a_finish_reason(proxy: RunningProxy) -> None:
-    # llama-cpp-python's server aborted a running stream when the next request arrived.
+def _three_streams_at_once(proxy: RunningProxy) -> None:
+    """Three streams sent at the same moment each get content and a finish_reason."""
     start = threading.Barrier(3)
     with ThreadPoolExecutor(max_workers=3) as pool:
         streams = [pool.submit(_stream_chunks, proxy, start) for _ in range(3)]
@@ -130,6 +130,11 @@ def test_concurrent_streams_each_get_content_and_a_finish_reason(proxy: RunningP
     assert len({chunks[0]["id"] for chunks in results}) == 3
 
 
+def test_concurrent_streams_each_get_content_and_a_finish_reason(proxy: RunningProxy) -> None:
+    # llama-cpp-python's server aborted a running stream when the next request arrived.
+    _three_streams_at_once(proxy)
+
+
 def test_llama_cpp_python_serves_concurrent_streams_in_turn(
     tmp_path: Path, demo_models: Path
 ) -> None:
@@ -139,14 +144,7 @@ def test_llama_cpp_python_serves_concurrent_streams_in_turn(
     workspace = Workspace(tmp_path, extra_env={"CHAT_PROXY_LLAMACPP_LAUNCHER": "llama-cpp-python"})
     other = workspace.start_proxy()
     try:
-        start = threading.Barrier(3)
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            streams = [pool.submit(_stream_chunks, other, start) for _ in range(3)]
-            results = [stream.result(timeout=150) for stream in streams]
-        for chunks in results:
-            choices = [choice for chunk in chunks for choice in chunk["choices"]]
-            assert any(choice["delta"].get("content") for choice in choices)
-            assert any(choice.get("finish_reason") for choice in choices)
+        _three_streams_at_once(other)
         argv = (tmp_path / "logs" / "llamacpp").glob("smollm2*.log")
         assert "--interrupt_requests False" in next(argv).read_text()
     finally:

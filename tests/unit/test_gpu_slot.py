@@ -413,3 +413,18 @@ async def test_slot_adopted_holder_serves_after_its_check() -> None:
         assert granted.holder is found
     assert effects.events == ["check a"]
     assert slot.status()["pid"] == 4242
+
+
+async def test_slot_shutdown_answers_waiters_at_once_and_stops_the_holder_at_close() -> None:
+    effects = FakeEffects()
+    effects.gate("a").set()
+    slot = new_slot(effects)
+    async with hold(slot, "a"):  # a request still running when shutdown begins
+        waiting = asyncio.create_task(use_once(slot, "b"))
+        await settle()
+        slot.begin_shutdown()
+        with pytest.raises(BackendNotReady, match="shutting down"):
+            await waiting
+        assert effects.events == ["start a"]  # the running request keeps its model
+    await slot.close(stop_holder=True, timeout_s=5)
+    assert effects.events == ["start a", "stop a"]

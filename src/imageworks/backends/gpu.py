@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -152,6 +152,12 @@ class GpuSlot(Generic[K, P, H]):
         if self._owner is None:
             self._owner = asyncio.create_task(self._run(), name="gpu-slot")
 
+    def begin_shutdown(self) -> None:
+        """The server is stopping: reject whoever waits and cancel a start now, rather than
+        after the requests waiting on it time out; running requests go on."""
+        if self._owner is not None and not self._owner.done():
+            self._post(Shutdown(stop_holder=False, final=False))
+
     async def close(self, *, stop_holder: bool, timeout_s: float) -> None:
         """Reject whoever still waits, cancel a start, stop the holder if asked; bounded: past
         `timeout_s` the processes are killed outright."""
@@ -264,7 +270,7 @@ class GpuSlot(Generic[K, P, H]):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while not (self._state.closing and not self._effect_tasks):
+        while not (self._state.finished and not self._effect_tasks):
             deadline = next_deadline(self._state, self._rules)
             try:
                 async with asyncio.timeout_at(deadline):
@@ -357,31 +363,29 @@ class GpuSlot(Generic[K, P, H]):
     # -- effects, each reporting back exactly once ------------------------------------------------
 
     async def _start(self, generation: int, key: K, plan: P) -> None:
+        await self._report_start(generation, f"starting {key}", self._effects.start(key, plan))
+
+    async def _check_adopted(self, generation: int, holder: H) -> None:
+        async def checked() -> H:
+            await self._effects.check_adopted(holder)
+            return holder
+
+        await self._report_start(generation, "checking the adopted process", checked())
+
+    async def _report_start(self, generation: int, what: str, work: Awaitable[H]) -> None:
+        """Run a start (or an adoption check) and report how it ended, exactly once."""
         try:
-            holder = await self._effects.start(key, plan)
+            holder = await work
         except asyncio.CancelledError:
-            self._post(StartFailed(generation, BackendNotReady(f"{key}: start cancelled")))
+            self._post(StartFailed(generation, BackendNotReady(f"{what}: cancelled")))
         except StartLeftover as exc:
             self._post(StartFailed(generation, exc, exc.holder))
         except BackendNotReady as exc:
             self._post(StartFailed(generation, exc))
         except Exception as exc:  # an effect bug must not leave the waiters hanging
-            log.exception("starting %s failed", key)
-            failure = BackendNotReady(f"{key}: start failed: {type(exc).__name__}: {exc}")
+            log.exception("%s failed", what)
+            failure = BackendNotReady(f"{what} failed: {type(exc).__name__}: {exc}")
             self._post(StartFailed(generation, failure))
-        else:
-            self._post(Started(generation, holder))
-
-    async def _check_adopted(self, generation: int, holder: H) -> None:
-        try:
-            await self._effects.check_adopted(holder)
-        except asyncio.CancelledError:
-            self._post(StartFailed(generation, BackendNotReady("adoption cancelled")))
-        except BackendNotReady as exc:
-            self._post(StartFailed(generation, exc))
-        except Exception as exc:
-            log.exception("checking the adopted process failed")
-            self._post(StartFailed(generation, BackendNotReady(f"adoption failed: {exc}")))
         else:
             self._post(Started(generation, holder))
 

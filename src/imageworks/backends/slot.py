@@ -110,7 +110,8 @@ class SlotState:
     generation: int = 0
     swaps: int = 0
     last_error: str | None = None
-    closing: bool = False
+    closing: bool = False  # new waiters are rejected
+    finished: bool = False  # the owner may end once no effect is running
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -178,7 +179,12 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class Shutdown:
+    """The proxy is stopping. The first, early one (`final=False`, as soon as the server stops
+    accepting) rejects waiters and cancels a start, so nothing waits on a model load; the last
+    one also stops the holder, if asked, and lets the owner end."""
+
     stop_holder: bool
+    final: bool = True
 
 
 Message = (
@@ -370,8 +376,8 @@ def _apply(step: _Step, message: Message) -> None:
         case Tick():
             _expire_waiters(step)
             _release_idle(step)
-        case Shutdown(stop_holder):
-            step.set(closing=True)
+        case Shutdown(stop_holder, final):
+            step.set(closing=True, finished=state.finished or final)
             for waiter in state.queue:
                 step.effects.append(Reject(waiter.id, "the proxy is shutting down"))
             step.set(queue=())

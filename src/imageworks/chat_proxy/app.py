@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -96,11 +97,32 @@ def main() -> int:
     except RegistryError as exc:
         print(f"imageworks-chat-proxy: {exc}", file=sys.stderr)
         return 1
-    uvicorn.run(
-        create_app(settings, registry),
+    app = create_app(settings, registry)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level="info",
         timeout_graceful_shutdown=int(settings.vllm_stop_timeout_s) + 15,
     )
+    _Server(config, on_shutdown=lambda: _begin_shutdown(app)).run()
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the GPU slot the moment shutdown begins: requests waiting for a model
+    are answered at once instead of holding the graceful shutdown until they time out."""
+
+    def __init__(self, config: uvicorn.Config, *, on_shutdown: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_shutdown()
+        await super().shutdown(sockets)
+
+
+def _begin_shutdown(app: FastAPI) -> None:
+    services = getattr(app.state, "services", None)  # None: start-up never completed
+    if services is not None:
+        services.slot.begin_shutdown()
