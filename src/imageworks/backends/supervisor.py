@@ -286,9 +286,10 @@ def port_taken_message(spec: LaunchSpec) -> str:
 
 
 async def wait_healthy(
-    process: ServerProcess, timeout_s: float, *, poll_interval_s: float = 0.1
+    process: ServerProcess, timeout_s: float, *, poll_interval_s: float = 0.05
 ) -> None:
-    """Return once a health path answers 2xx; StartError at once if the process exits, or after
+    """Return once a health path answers 2xx (polled often: a loopback GET is cheap, and up to
+    one interval is added to every swap); StartError at once if the process exits, or after
     `timeout_s`. Does not stop the process: that is the caller's decision."""
     spec = process.spec
     loop = asyncio.get_running_loop()
