@@ -167,11 +167,19 @@ class ServerProcess:
             self._child.poll()
         return alive
 
+    def _gone(self) -> bool:
+        """Exited for good. The leader shows as a zombie as soon as it exits, while the other
+        threads of a multi-threaded server (and the memory they hold) may still be going; our
+        own child is gone once it can be reaped."""
+        if self.is_alive():
+            return False
+        return self._child is None or self._child.poll() is not None
+
     async def wait_exit(self, timeout_s: float) -> bool:
         """True once the process has exited, False if it still runs after `timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.is_alive():
+        while not self._gone():
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(_EXIT_POLL_S)
