@@ -30,6 +30,7 @@ from imageworks.chat_proxy.forwarding import Completion, Forwarder, UpstreamStre
 from imageworks.chat_proxy.normalize.ollama_path import needs_native_ollama, ollama_num_ctx
 from imageworks.chat_proxy.normalize.reasoning import split_think_completion
 from imageworks.chat_proxy.normalize.request import RequestRules, prepare_request
+from imageworks.chat_proxy.normalize.response import ModelRenamer, complete_answer
 from imageworks.chat_proxy.normalize.stream import EventNormalizer, backend_error
 from imageworks.chat_proxy.normalize.tools import normalize_completion
 from imageworks.chat_proxy.normalize.vision import has_images
@@ -69,6 +70,8 @@ class ChatRules:
     split_think_tags: bool
     log_prompts: bool
     stream_heartbeat_s: float = 5.0
+    # Answers name the model as the client asked for it (else as the backend serves it).
+    requested_model_in_answers: bool = True
 
 
 class ChatService:
@@ -165,34 +168,44 @@ class ChatService:
     ) -> None:
         native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
         num_ctx = ollama_num_ctx(entry)
+        requested = body["model"] if self._rules.requested_model_in_answers else None
         if not exchange.stream:
             if native_ollama:
                 completion = await self._forwarder.complete_ollama(target, body, num_ctx)
             else:
                 completion = await self._forwarder.complete(target, body)
-            await self._send_completion(exchange, completion, reply)
+            await self._send_completion(exchange, completion, reply, requested)
             return
         if native_ollama:
             upstream = await self._forwarder.open_ollama_stream(target, body, num_ctx)
         else:
             upstream = await self._forwarder.open_stream(target, body)
+        renamer = None
+        if requested is not None and requested != target.model:
+            renamer = ModelRenamer(target.model, requested)
         try:
             await reply.open_stream()  # the backend has answered: no more `: loading`
-            await self._relay(exchange, upstream, reply)
+            await self._relay(exchange, upstream, reply, renamer)
         finally:
             await shielded(upstream.aclose())
 
     async def _send_completion(
-        self, exchange: Exchange, completion: Completion, reply: Reply
+        self, exchange: Exchange, completion: Completion, reply: Reply, model: str | None
     ) -> None:
-        content, parsed = self._normalize_completion(completion.content, completion.parsed)
+        content, parsed = self._normalize_completion(completion.content, completion.parsed, model)
         exchange.usage = usage_of(parsed)
         if self._log_prompts:
             exchange.response = parsed.get("choices")
         exchange.end(completion.status, "ok")
         await reply.whole(completion.status, content)
 
-    async def _relay(self, exchange: Exchange, upstream: UpstreamStream, reply: Reply) -> None:
+    async def _relay(
+        self,
+        exchange: Exchange,
+        upstream: UpstreamStream,
+        reply: Reply,
+        renamer: ModelRenamer | None,
+    ) -> None:
         """The backend's events, one by one as they come; then `[DONE]` if the answer finished,
         else the error that says why it did not."""
         normalizer = EventNormalizer(
@@ -207,11 +220,13 @@ class ChatService:
                 await reply.done()
                 return
             event = normalizer.process(received)
+            if renamer is not None:
+                event = renamer.event(event)
             if exchange.first_token is None or b'"usage"' in event or self._log_prompts:
                 self._observe_event(exchange, event)
             await reply.event(event)
         if (last := normalizer.flush()) is not None:
-            await reply.event(last)
+            await reply.event(last if renamer is None else renamer.event(last))
         if not normalizer.finished:
             raise StreamTruncated(
                 f"Backend {upstream.target.label} ended the stream before the answer was "
@@ -259,14 +274,16 @@ class ChatService:
         return check
 
     def _normalize_completion(
-        self, content: bytes, parsed: dict[str, Any]
+        self, content: bytes, parsed: dict[str, Any], model: str | None
     ) -> tuple[bytes, dict[str, Any]]:
-        """Tool calls and think tags in a whole answer; the backend's bytes if nothing changes."""
+        """Tool calls, think tags and OpenAI's fields in a whole answer (`model`: the name it
+        gives the model, None to keep the backend's); the backend's bytes if nothing changes."""
         result = parsed
         if self._rules.normalize_tools:
             result = normalize_completion(result)
         if self._rules.split_think_tags:
             result = split_think_completion(result)
+        result = complete_answer(result, model)
         if result is parsed:
             return content, parsed
         return json_bytes(result), result
