@@ -32,6 +32,7 @@ from imageworks.chat_proxy.normalize.reasoning import split_think_completion
 from imageworks.chat_proxy.normalize.request import RequestRules, prepare_request
 from imageworks.chat_proxy.normalize.response import ModelRenamer, complete_answer
 from imageworks.chat_proxy.normalize.stream import EventNormalizer, backend_error
+from imageworks.chat_proxy.normalize.structured import structured_for
 from imageworks.chat_proxy.normalize.tools import normalize_completion
 from imageworks.chat_proxy.normalize.vision import has_images
 from imageworks.chat_proxy.observe import Metrics, RequestLog
@@ -166,6 +167,7 @@ class ChatService:
         target: Target,
         reply: Reply,
     ) -> None:
+        body = structured_for(body, target.dialect)  # the server's form of response_format
         native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
         num_ctx = ollama_num_ctx(entry)
         requested = body["model"] if self._rules.requested_model_in_answers else None
