@@ -171,13 +171,22 @@ def test_health_reports_uptime_entries_and_active_backend(registry: Path, tmp_pa
     assert health["active_backend"] is None
 
 
+def listed_models(proxy: ProxyServer) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = httpx.get(f"{proxy.url}/v1/models").json()["data"]
+    return data
+
+
 def sdk(proxy: ProxyServer) -> OpenAI:
     return OpenAI(base_url=f"{proxy.url}/v1", api_key="EMPTY", max_retries=0)
 
 
 def test_models_retrieve_returns_each_listed_model_object(registry: Path, tmp_path: Path) -> None:
     with ProxyServer(registry, tmp_path, include_non_installed=True) as proxy:
-        listed = httpx.get(f"{proxy.url}/v1/models").json()["data"]
+        deadline = time.monotonic() + 20  # the backend check in the background changes a model
+        while "unknown" in {item["extensions"]["installed"] for item in listed_models(proxy)}:
+            assert time.monotonic() < deadline, "the backend-served entry was never checked"
+            time.sleep(0.1)
+        listed = listed_models(proxy)
         assert "Qwen/Qwen2.5-7B (Q4 K M)" in [item["id"] for item in listed]
         client = sdk(proxy)
         for item in listed:  # the SDK percent-encodes the id: %20, %2F; ( and ) as they are

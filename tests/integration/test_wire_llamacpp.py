@@ -4,6 +4,7 @@ the structure of an answer, never what the model wrote."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,6 +17,9 @@ import pytest
 from openai import OpenAI
 
 from conftest import make_demo_workspace
+from imageworks.backends.base import Dialect, Target
+from imageworks.chat_proxy.forwarding import Forwarder
+from imageworks.chat_proxy.usage import Generated, count_usage, tokenizer_for
 from support.proxy_process import RunningProxy, Workspace, processes_listening_on
 
 pytestmark = pytest.mark.timeout(180)
@@ -35,19 +39,27 @@ VERDICT = {
 ASK_VERDICT = [{"role": "user", "content": "Is the sky blue? Answer in JSON."}]
 
 
-def running_demo(root: Path, demo_models: Path, **env: str) -> Iterator[RunningProxy]:
+def demo_workspace(root: Path, demo_models: Path, **env: str) -> Workspace:
     make_demo_workspace(root, demo_models)
-    workspace = Workspace(root, extra_env=env)
-    running = workspace.start_proxy()
-    yield running
-    running.terminate()
+    return Workspace(root, extra_env=env)
+
+
+def running(workspace: Workspace) -> Iterator[RunningProxy]:
+    proxy = workspace.start_proxy()
+    yield proxy
+    proxy.terminate()
     for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
         os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iterator[RunningProxy]:
-    yield from running_demo(tmp_path_factory.mktemp("llama-server"), demo_models)
+def workspace(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Workspace:
+    return demo_workspace(tmp_path_factory.mktemp("llama-server"), demo_models)
+
+
+@pytest.fixture(scope="module")
+def proxy(workspace: Workspace) -> Iterator[RunningProxy]:
+    yield from running(workspace)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +67,8 @@ def python_proxy(
     tmp_path_factory: pytest.TempPathFactory, demo_models: Path
 ) -> Iterator[RunningProxy]:
     root = tmp_path_factory.mktemp("llama-cpp-python")
-    yield from running_demo(root, demo_models, CHAT_PROXY_LLAMACPP_LAUNCHER="llama-cpp-python")
+    launcher = {"CHAT_PROXY_LLAMACPP_LAUNCHER": "llama-cpp-python"}
+    yield from running(demo_workspace(root, demo_models, **launcher))
 
 
 def complete(proxy: RunningProxy, **extra: Any) -> dict[str, Any]:
@@ -152,6 +165,76 @@ def test_llama_cpp_python_stream_chunks_name_the_requested_model(
 ) -> None:
     chunks = stream(python_proxy)  # its JSON is spaced: `"model": "..."`
     assert {chunk["model"] for chunk in chunks} == {SMOL}
+
+
+# -- usage in streams --------------------------------------------------------------------------
+
+
+def assert_usage_chunk(chunk: dict[str, Any]) -> None:
+    assert chunk["choices"] == []
+    usage = chunk["usage"]
+    assert usage["prompt_tokens"] > 0
+    assert usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_stream_with_include_usage_ends_with_a_usage_chunk(proxy: RunningProxy) -> None:
+    chunks = stream(proxy, stream_options={"include_usage": True})
+    assert_usage_chunk(chunks[-1])  # llama-server's own, forwarded
+    assert chunks[-1]["model"] == SMOL
+    assert [chunk for chunk in chunks if chunk.get("usage")] == [chunks[-1]]
+
+
+def test_sdk_stream_reads_the_usage(proxy: RunningProxy) -> None:
+    events = sdk(proxy).chat.completions.create(
+        model=SMOL,
+        messages=PING,  # type: ignore[arg-type]
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usages = [event.usage for event in events if event.usage is not None]
+    assert len(usages) == 1
+    assert usages[0].total_tokens == usages[0].prompt_tokens + usages[0].completion_tokens
+
+
+async def test_usage_counted_by_llama_server_endpoints_is_what_it_reports(
+    proxy: RunningProxy, workspace: Workspace
+) -> None:
+    # The counting the proxy falls back on, checked against the real server's own numbers.
+    complete(proxy)  # the demo model is loaded
+    target = Target(
+        base_url=f"http://127.0.0.1:{workspace.model_port}/v1",
+        model="smollm2-135m-instruct",
+        label="llamacpp:smollm2",
+        dialect=Dialect.LLAMA_SERVER,
+    )
+    system = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
+    question = {"role": "user", "content": "What is 2+2?"}
+    finishes: set[str] = set()
+    async with httpx.AsyncClient(timeout=60) as client:
+        forwarder = Forwarder(client, backend_timeout_s=60, stream_idle_timeout_s=60)
+        for max_tokens in (3, 100):  # cut off (`length`), and ended by the model (`stop`)
+            body = {"messages": [system, question], "max_tokens": max_tokens, "temperature": 0}
+            answer = await forwarder.complete(target, body)
+            choice = answer.parsed["choices"][0]
+            reported = answer.parsed["usage"]
+            tokenizer = tokenizer_for(
+                target.dialect, target.model, functools.partial(forwarder.backend_json, target)
+            )
+            assert tokenizer is not None
+            generated = [Generated(choice["message"]["content"], choice["finish_reason"])]
+            counted = await count_usage(tokenizer, body, generated, target.label)
+            assert counted == {key: reported[key] for key in counted}, choice["finish_reason"]
+            finishes.add(choice["finish_reason"])
+    assert finishes == {"length", "stop"}
+
+
+def test_llama_cpp_python_stream_gets_no_invented_usage(python_proxy: RunningProxy) -> None:
+    # It reports no usage in streams and has no template endpoint to count the prompt with.
+    chunks = stream(python_proxy, stream_options={"include_usage": True})
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert not [chunk for chunk in chunks if chunk.get("usage")]
 
 
 # -- structured output ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ line, metrics, in-flight count) exactly once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -46,8 +47,10 @@ from imageworks.chat_proxy.protocol import (
     StreamTruncated,
     json_bytes,
     parse_chat_request,
+    sse_event,
 )
 from imageworks.chat_proxy.sse import ClientGone, Reply, TaskResponse, shielded
+from imageworks.chat_proxy.usage import StreamUsage, tokenizer_for, wants_usage
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.naming import display_name
 from imageworks.registry.schema import RegistryEntry
@@ -187,9 +190,18 @@ class ChatService:
             renamer = ModelRenamer(target.model, requested)
         try:
             await reply.open_stream()  # the backend has answered: no more `: loading`
-            await self._relay(exchange, upstream, reply, renamer)
+            await self._relay(exchange, upstream, reply, renamer, self._usage(body, target))
         finally:
             await shielded(upstream.aclose())
+
+    def _usage(self, body: dict[str, Any], target: Target) -> StreamUsage | None:
+        """How a stream's usage chunk is counted if the backend sends none: for a client that
+        asked for one, from a backend that has a tokenizer endpoint."""
+        if not wants_usage(body):
+            return None
+        post = functools.partial(self._forwarder.backend_json, target)
+        tokenizer = tokenizer_for(target.dialect, target.model, post)
+        return None if tokenizer is None else StreamUsage(tokenizer, body, target.label)
 
     async def _send_completion(
         self, exchange: Exchange, completion: Completion, reply: Reply, model: str | None
@@ -207,8 +219,10 @@ class ChatService:
         upstream: UpstreamStream,
         reply: Reply,
         renamer: ModelRenamer | None,
+        usage: StreamUsage | None,
     ) -> None:
-        """The backend's events, one by one as they come; then `[DONE]` if the answer finished,
+        """The backend's events, one by one as they come; then the usage chunk if the client
+        asked for one and the backend sent none (counted), and `[DONE]` if the answer finished,
         else the error that says why it did not."""
         normalizer = EventNormalizer(
             tools=self._rules.normalize_tools, split_think=self._rules.split_think_tags
@@ -226,14 +240,24 @@ class ChatService:
                 event = renamer.event(event)
             if exchange.first_token is None or b'"usage"' in event or self._log_prompts:
                 self._observe_event(exchange, event)
+            if usage is not None and exchange.usage is None:
+                usage.keep(event)
             await reply.event(event)
         if (last := normalizer.flush()) is not None:
-            await reply.event(last if renamer is None else renamer.event(last))
+            last = last if renamer is None else renamer.event(last)
+            if usage is not None:
+                usage.keep(last)
+            await reply.event(last)
         if not normalizer.finished:
             raise StreamTruncated(
                 f"Backend {upstream.target.label} ended the stream before the answer was "
                 "finished (no choice had a finish_reason); the answer is incomplete."
             )
+        if usage is not None and exchange.usage is None:  # the backend did not report it
+            counted = await usage.chunk()
+            if counted is not None:
+                exchange.usage = counted["usage"]
+                await reply.event(sse_event(counted))
         # Settled before [DONE] goes out: a client that hangs up as soon as it reads it (the
         # OpenAI SDK does) has not cancelled anything.
         exchange.end(200, "ok")

@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from imageworks.chat_proxy.normalize.stream import event_data
 from imageworks.chat_proxy.protocol import json_bytes, sse_event
 
 _KEY = b'"model"'
@@ -94,13 +95,7 @@ class ModelRenamer:
         return event[: match.start()] + renamed + event[match.end() :]
 
     def _reparsed(self, event: bytes) -> bytes:
-        data = event.strip()
-        if not data.startswith(b"data:"):
-            return event
-        try:
-            chunk = json.loads(data[5:])
-        except ValueError:
-            return event
-        if not isinstance(chunk, dict) or "model" not in chunk:
+        chunk = event_data(event)
+        if chunk is None or "model" not in chunk:
             return event
         return sse_event({**chunk, "model": self._model})
