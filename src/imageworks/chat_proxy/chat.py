@@ -245,7 +245,7 @@ class ChatService:
             await reply.event(event)
         if (last := normalizer.flush()) is not None:
             last = last if renamer is None else renamer.event(last)
-            if usage is not None:
+            if usage is not None and exchange.usage is None:
                 usage.keep(last)
             await reply.event(last)
         if not normalizer.finished:
