@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import write_json
 from support.scripted_upstream import ScriptedUpstream
 
+PROXIED_MODEL = "bench echo"
+
 
 @contextlib.contextmanager
 def running_proxy(registry: Path, workdir: Path) -> Iterator[str]:
@@ -90,8 +92,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, ScriptedUpstream() as upstream:
         registry = Path(tmp) / "configs"
+        # Clients ask for a display name, the backend serves another id (as in the demo).
         entry = {
-            "name": "echo",
+            "name": "bench_echo",
+            "display_name": "bench echo",
             "backend": "external",
             "served_model_id": "echo",
             "backend_config": {"base_url": f"{upstream.url}/v1"},
@@ -107,9 +111,9 @@ def main() -> None:
                     direct_url = f"{upstream.url}/v1/chat/completions"
                     proxy_url = f"{proxy_base}/v1/chat/completions"
                     measure(client, direct_url, "echo", stream, 50)  # warm up both paths
-                    measure(client, proxy_url, "echo", stream, 50)
+                    measure(client, proxy_url, PROXIED_MODEL, stream, 50)
                     direct = measure(client, direct_url, "echo", stream, args.requests)
-                    proxied = measure(client, proxy_url, "echo", stream, args.requests)
+                    proxied = measure(client, proxy_url, PROXIED_MODEL, stream, args.requests)
                     added = statistics.median(proxied) - statistics.median(direct)
                     kind = "stream    " if stream else "non-stream"
                     print(f"{kind} direct  {summary(direct)}")

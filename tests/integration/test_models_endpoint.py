@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from openai import OpenAI
 
 from conftest import write_json
 from support.proxy_server import ProxyServer
@@ -51,6 +53,16 @@ def registry(tmp_path: Path, upstream: ScriptedUpstream) -> Path:
             {"name": "ghost", "backend": "llamacpp", "download_path": str(weights / "gone.gguf")},
             external("old", deprecated=True, download_path=str(weights / "a.gguf")),
             external("served_by_id"),  # no files: installed when the backend lists `echo`
+            external(
+                "Qwen/Qwen2.5-7B_(Q4_K_M)",  # an id with a slash, spaces and parentheses
+                download_path=str(weights / "a.gguf"),
+                downloaded_at="2025-01-09T18:00:00+00:00",
+            ),
+            external(
+                "dated_in_metadata",
+                download_path=str(weights / "a.gguf"),
+                metadata={"downloaded_at": 1736445600},
+            ),
         ],
     )
     return directory
@@ -155,5 +167,62 @@ def test_health_reports_uptime_entries_and_active_backend(registry: Path, tmp_pa
         health = httpx.get(f"{proxy.url}/v1/health").json()
     assert health["status"] == "ok"
     assert health["uptime_s"] >= 0
-    assert health["registry_entries"] == 6
+    assert health["registry_entries"] == 8
     assert health["active_backend"] is None
+
+
+def listed_models(proxy: ProxyServer) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = httpx.get(f"{proxy.url}/v1/models").json()["data"]
+    return data
+
+
+def sdk(proxy: ProxyServer) -> OpenAI:
+    return OpenAI(base_url=f"{proxy.url}/v1", api_key="EMPTY", max_retries=0)
+
+
+def test_models_retrieve_returns_each_listed_model_object(registry: Path, tmp_path: Path) -> None:
+    with ProxyServer(registry, tmp_path, include_non_installed=True) as proxy:
+        deadline = time.monotonic() + 20  # the backend check in the background changes a model
+        while "unknown" in {item["extensions"]["installed"] for item in listed_models(proxy)}:
+            assert time.monotonic() < deadline, "the backend-served entry was never checked"
+            time.sleep(0.1)
+        listed = listed_models(proxy)
+        assert "Qwen/Qwen2.5-7B (Q4 K M)" in [item["id"] for item in listed]
+        client = sdk(proxy)
+        for item in listed:  # the SDK percent-encodes the id: %20, %2F; ( and ) as they are
+            model = client.models.retrieve(item["id"])
+            assert model.to_dict() == item
+
+
+def test_models_retrieve_decodes_a_percent_encoded_id(registry: Path, tmp_path: Path) -> None:
+    with ProxyServer(registry, tmp_path) as proxy:
+        response = httpx.get(f"{proxy.url}/v1/models/llama%2012.2b%20%28Q4%20K%20M%29")
+    assert response.status_code == 200
+    assert response.json()["id"] == "llama 12.2b (Q4 K M)"
+
+
+def test_models_retrieve_of_an_unknown_id_is_an_openai_404(registry: Path, tmp_path: Path) -> None:
+    with ProxyServer(registry, tmp_path) as proxy:
+        with pytest.raises(openai.NotFoundError) as raised:
+            sdk(proxy).models.retrieve("no such model")
+        # another name of a listed model (its logical name) is not its id, but points to it
+        other_name = httpx.get(f"{proxy.url}/v1/models/llama_12.2b_(Q4_K_M)")
+    assert raised.value.status_code == 404
+    assert raised.value.code == "model_not_found"
+    assert set(raised.value.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
+    assert other_name.status_code == 404
+    error = other_name.json()["error"]
+    assert error["code"] == "model_not_found"
+    assert "Did you mean: llama 12.2b (Q4 K M)?" in error["message"]
+
+
+def test_models_created_is_when_the_entry_was_downloaded_or_registered(
+    registry: Path, tmp_path: Path
+) -> None:
+    registered = int((registry / "model_registry.curated.json").stat().st_mtime)
+    with ProxyServer(registry, tmp_path) as proxy:
+        items = httpx.get(f"{proxy.url}/v1/models").json()["data"]
+    created = {item["extensions"]["logical_id"]: item["created"] for item in items}
+    assert created["Qwen/Qwen2.5-7B_(Q4_K_M)"] == 1736445600  # downloaded_at, ISO 8601
+    assert created["dated_in_metadata"] == 1736445600  # metadata.downloaded_at, Unix seconds
+    assert created["llama_12.2b_(Q4_K_M)"] == registered  # no date: the registry file's

@@ -91,6 +91,12 @@ def registry(tmp_path: Path, upstream: ScriptedUpstream, ollama: FakeOllama) -> 
                 "capabilities": {"vision": True, "tools": True},
                 "backend_config": {"base_url": ollama.url, "extra_args": ["--num-ctx", "4096"]},
             },
+            {
+                "name": "qwen",  # no num_ctx: plain requests take Ollama's /v1
+                "backend": "ollama",
+                "served_model_id": "qwen3:8b",
+                "backend_config": {"base_url": ollama.url},
+            },
         ],
     )
     return directory
@@ -107,6 +113,11 @@ def sdk(proxy: ProxyServer) -> OpenAI:
 
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "celsius": {"type": "number"}},
+    "required": ["city", "celsius"],
+}
 
 
 def test_legacy_function_call_reaches_the_sdk_as_tool_calls(proxy: ProxyServer) -> None:
@@ -329,6 +340,29 @@ def test_ollama_tool_calls_reach_the_sdk_with_json_arguments(proxy: ProxyServer)
         final = stream.get_final_completion()
     (streamed,) = final.choices[0].message.tool_calls or []
     assert streamed.function.arguments == '{"city": "Paris"}'
+
+
+@pytest.mark.parametrize(
+    ("response_format", "expected"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}, WEATHER),
+        ({"type": "json_object"}, "json"),
+    ],
+    ids=["json_schema", "json_object"],
+)
+def test_ollama_structured_output_is_sent_as_format(
+    proxy: ProxyServer, ollama: FakeOllama, response_format: dict[str, Any], expected: Any
+) -> None:
+    before = len(ollama.calls)
+    completion = sdk(proxy).chat.completions.create(
+        model="qwen",
+        messages=ASK,  # type: ignore[arg-type]
+        response_format=response_format,  # type: ignore[arg-type]
+    )
+    assert completion.object == "chat.completion"
+    ((method, path, sent),) = [c for c in ollama.calls[before:] if "chat" in c[1]]
+    assert (method, path) == ("POST", "/api/chat")  # Ollama's /v1 drops response_format
+    assert sent["format"] == expected
 
 
 def test_model_without_chat_template_is_refused_with_the_fix(

@@ -84,6 +84,31 @@ def test_echo_stream_event_sequence(client: httpx.Client) -> None:
     assert chunks[-1]["usage"]["total_tokens"] == 12
 
 
+def test_no_usage_stream_has_no_usage_even_when_asked(client: httpx.Client) -> None:
+    request = chat("no-usage", stream=True, stream_options={"include_usage": True})
+    with client.stream("POST", "/chat/completions", json=request) as response:
+        payloads = list(events(response.iter_lines()))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(payload) for payload in payloads[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any("usage" in chunk for chunk in chunks)
+    assert "usage" not in client.post("/chat/completions", json=chat("no-usage")).json()
+
+
+def test_tokenizer_endpoints_count_words(upstream: ScriptedUpstream) -> None:
+    messages = [{"role": "user", "content": "two words"}]
+    with httpx.Client(base_url=upstream.url, timeout=5.0) as root:
+        prompt = root.post("/apply-template", json={"messages": messages}).json()["prompt"]
+        tokens = root.post("/tokenize", json={"content": prompt}).json()["tokens"]
+        chat_count = root.post("/tokenize", json={"model": "m", "messages": messages}).json()
+        text_count = root.post("/tokenize", json={"model": "m", "prompt": "a b c"}).json()
+    assert prompt == "<|user|> two words\n<|assistant|>"
+    assert len(tokens) == 4
+    assert chat_count == {"count": 4}
+    assert text_count == {"count": 3}
+    assert [path for path, _ in upstream.side_requests] == ["/apply-template", *["/tokenize"] * 3]
+
+
 def test_gated_first_chunk_arrives_before_release(
     upstream: ScriptedUpstream, client: httpx.Client
 ) -> None:

@@ -17,6 +17,9 @@ import httpx
 SCRIPTS = Path(sys.executable).parent
 PROXY = SCRIPTS / "imageworks-chat-proxy"
 LOADER = SCRIPTS / "imageworks-loader"
+# The code under test: the console scripts run in a workspace directory, where a relative
+# PYTHONPATH (`src`) finds nothing and the installed package would be imported instead.
+SOURCE = Path(__file__).resolve().parents[2] / "src"
 
 
 def free_port() -> int:
@@ -59,8 +62,10 @@ class Workspace:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
+        inherited = os.environ.get("PYTHONPATH")
         return {
             **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(SOURCE), *([inherited] if inherited else [])]),
             "CHAT_PROXY_PORT": str(self.proxy_port),
             "CHAT_PROXY_VLLM_PORT": str(self.model_port),
             "IMAGEWORKS_OLLAMA_HOST": "http://127.0.0.1:9",

@@ -1,8 +1,13 @@
 """A scripted OpenAI-protocol upstream for fault-injection tests.
 
-`ScriptedUpstream` runs a real uvicorn server on 127.0.0.1 (free port) in a background
-thread with its own event loop. The `model` of a chat request picks the scenario (see
+`ScriptedUpstream` runs a real uvicorn server on 127.0.0.1 (a free port unless given one) in a
+background thread with its own event loop. The `model` of a chat request picks the scenario (see
 `SCENARIOS`); every scenario answers both `stream: true` and non-stream requests.
+
+It also has the tokenizer endpoints of llama-server (`POST /apply-template`, `POST /tokenize`
+with `content`) and vLLM (`POST /tokenize` with `messages` or `prompt`), with a scripted chat
+template (`render_prompt`) and one token per whitespace-separated word (`count_tokens`); their
+requests are recorded in `side_requests`.
 
 Every chat request runs under a supervisor that watches the connection: if the client goes
 away before the response is complete, the scenario is cancelled and `disconnects` counts it.
@@ -42,6 +47,7 @@ COMPLETIONS = (
     "cut-short",
     "early-done",
     "mute",
+    "no-usage",
 )
 SCENARIOS = (*COMPLETIONS, "error-400", "error-500", "error-html")
 ECHO_TEXT = "Hello from the scripted upstream."
@@ -102,10 +108,12 @@ class _Reply:
     async def json(self, status: int, payload: JSON) -> None:
         await self.body(status, b"application/json", json.dumps(payload).encode())
 
-    async def completion(self, message: JSON, finish_reason: str = "stop") -> None:
+    async def completion(
+        self, message: JSON, finish_reason: str = "stop", *, usage: bool = True
+    ) -> None:
         choice = {"index": 0, "message": message, "finish_reason": finish_reason}
         payload = {**self._base, "object": "chat.completion", "choices": [choice]}
-        await self.json(200, {**payload, "usage": USAGE})
+        await self.json(200, {**payload, "usage": USAGE} if usage else payload)
 
     async def start_stream(self) -> None:
         await self._start(200, b"text/event-stream")
@@ -130,9 +138,9 @@ class _Reply:
             await self.chunk(delta)
         await self.finish_stream(finish_reason)
 
-    async def finish_stream(self, finish_reason: str = "stop") -> None:
+    async def finish_stream(self, finish_reason: str = "stop", *, usage: bool = True) -> None:
         await self.chunk({}, finish_reason)
-        if self.include_usage:
+        if self.include_usage and usage:
             await self._chunk(choices=[], usage=USAGE)
         await self.event("[DONE]")
         await self.end()
@@ -150,10 +158,12 @@ async def _client_gone(receive: Receive) -> None:
 class ScriptedUpstream:
     """Context manager running the scripted OpenAI-compatible server; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.url = ""
+        self._port = port
         self._cond = threading.Condition()
         self._requests: list[JSON] = []
+        self._side_requests: list[tuple[str, JSON]] = []
         self._headers: list[dict[str, str]] = []
         self._disconnects = 0
         self._gates: dict[str, asyncio.Event] = {}  # only touched on the server loop
@@ -166,6 +176,12 @@ class ScriptedUpstream:
     def requests(self) -> list[JSON]:
         with self._cond:
             return list(self._requests)
+
+    @property
+    def side_requests(self) -> list[tuple[str, JSON]]:
+        """(path, body) of each tokenizer endpoint request, in order."""
+        with self._cond:
+            return list(self._side_requests)
 
     @property
     def headers(self) -> list[dict[str, str]]:
@@ -199,7 +215,7 @@ class ScriptedUpstream:
 
     # ----------------------------------------------------------------------- lifecycle
     def __enter__(self) -> ScriptedUpstream:
-        self._runner = runner = ThreadedServer(self._app, "scripted upstream", port=0)
+        self._runner = runner = ThreadedServer(self._app, "scripted upstream", port=self._port)
         self._loop = runner.loop
         self.url = runner.url
         self._closing = asyncio.Event()
@@ -232,7 +248,9 @@ class ScriptedUpstream:
         if route == ("POST", "/v1/chat/completions"):
             await self._chat(Request(scope, receive), send)
             return
-        if route == ("GET", "/health"):
+        if route in (("POST", "/tokenize"), ("POST", "/apply-template")):
+            response = await self._tokenizer(route[1], Request(scope, receive))
+        elif route == ("GET", "/health"):
             response = JSONResponse({"status": "ok"})
         elif route == ("GET", "/v1/models"):
             models = [{"id": n, "object": "model", "owned_by": "scripted"} for n in SCENARIOS]
@@ -240,6 +258,27 @@ class ScriptedUpstream:
         else:
             response = JSONResponse(error_body("not found", "invalid_request_error"), 404)
         await response(scope, receive, send)
+
+    async def _tokenizer(self, path: str, request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse(
+                error_body("body must be a JSON object", "invalid_request_error"), 400
+            )
+        with self._cond:
+            self._side_requests.append((path, body))
+        if path == "/apply-template":  # llama-server
+            return JSONResponse({"prompt": render_prompt(body.get("messages") or [])})
+        if isinstance(body.get("content"), str):  # llama-server
+            return JSONResponse({"tokens": list(range(count_tokens(body["content"])))})
+        if isinstance(body.get("messages"), list):  # vLLM, chat template applied
+            return JSONResponse({"count": count_tokens(render_prompt(body["messages"]))})
+        if isinstance(body.get("prompt"), str):  # vLLM
+            return JSONResponse({"count": count_tokens(body["prompt"])})
+        return JSONResponse(error_body("nothing to tokenize", "invalid_request_error"), 400)
 
     async def _chat(self, request: Request, send: Send) -> None:
         try:
@@ -406,11 +445,36 @@ class ScriptedUpstream:
         await reply.event("[DONE]")
         await reply.end()
 
+    async def _no_usage(self, reply: _Reply, stream: bool) -> None:
+        """Like echo, but never with usage, even when the client asks for it."""
+        if not stream:
+            await reply.completion(ECHO_MESSAGE, usage=False)
+            return
+        await reply.chunk(ROLE_DELTA)
+        for piece in ECHO_PIECES:
+            await reply.chunk({"content": piece})
+        await reply.finish_stream(usage=False)
+
     async def _mute(self, reply: _Reply, stream: bool) -> None:
         """Stream headers (for a stream), then nothing at all until the supervisor cancels us."""
         if stream:
             await reply.start_stream()
         await asyncio.Event().wait()
+
+
+def render_prompt(messages: list[Any]) -> str:
+    """The scripted chat template: `<|role|> content` per message, then the assistant's turn."""
+    turns = [
+        f"<|{message.get('role')}|> {message.get('content') or ''}"
+        for message in messages
+        if isinstance(message, dict)
+    ]
+    return "\n".join([*turns, "<|assistant|>"])
+
+
+def count_tokens(text: str) -> int:
+    """The scripted tokenizer: one token per whitespace-separated word."""
+    return len(text.split())
 
 
 async def _unknown(reply: _Reply) -> None:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from conftest import REPO_ROOT
 from imageworks.backends.argv import merge_args
-from imageworks.backends.base import BackendNotReady
+from imageworks.backends.base import BackendNotReady, Dialect
 from imageworks.backends.llamacpp import (
     LlamaCppPython,
     LlamaLauncher,
@@ -21,7 +21,7 @@ from imageworks.backends.llamacpp import (
     llamacpp_launch,
 )
 from imageworks.backends.router import BackendRouter
-from imageworks.backends.vllm import vllm_argv
+from imageworks.backends.vllm import vllm_argv, vllm_launch
 from imageworks.registry.schema import RegistryEntry
 
 
@@ -232,6 +232,36 @@ def test_llamacpp_launch_health_paths_follow_the_launcher(
         entry, registry_dir=tmp_path, port=1, log_dir=tmp_path, launcher=launcher
     )
     assert spec.health_paths == paths
+
+
+@pytest.mark.parametrize(
+    ("launcher", "dialect"),
+    [(SERVER, Dialect.LLAMA_SERVER), (PYTHON, Dialect.LLAMA_CPP_PYTHON)],
+    ids=["llama-server", "llama-cpp-python"],
+)
+def test_llamacpp_launch_says_which_server_it_runs(
+    tmp_path: Path, launcher: LlamaLauncher, dialect: Dialect
+) -> None:
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    entry = _entry("llamacpp", download_path="x.gguf")
+    spec = llamacpp_launch(
+        entry, registry_dir=tmp_path, port=1, log_dir=tmp_path, launcher=launcher
+    )
+    assert spec.dialect is dialect
+
+
+def test_vllm_launch_says_it_runs_vllm(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    entry = _entry("vllm", download_path="weights")
+    spec = vllm_launch(
+        entry,
+        registry_dir=tmp_path,
+        port=1,
+        log_dir=tmp_path,
+        gpu_memory_utilization=0.5,
+        max_model_len=None,
+    )
+    assert spec.dialect is Dialect.VLLM
 
 
 # -- finding llama-server ----------------------------------------------------------------------

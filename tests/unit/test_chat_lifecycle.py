@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import write_json
-from imageworks.backends.base import BackendBusy, BackendNotReady, Target
+from imageworks.backends.base import BackendBusy, BackendNotReady, Dialect, Target
 from imageworks.backends.router import BackendRouter
 from imageworks.chat_proxy.catalog import Catalog
 from imageworks.chat_proxy.chat import ChatService
@@ -311,3 +311,70 @@ async def test_chat_stream_the_backend_ends_with_an_error_event_is_an_error_said
     assert events[-1] == "data: [DONE]"
     (record,) = harness.log.records
     assert (record.outcome, record.status, record.error) == ("error", 502, "CUDA out of memory")
+
+
+def granted(target: Target) -> Lease:
+    @asynccontextmanager
+    async def lease() -> AsyncIterator[Target]:
+        yield target
+
+    return lease
+
+
+STREAM = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"hi there"},"finish_reason":null}]}\n\n'
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def vllm_without_usage(tokenize: httpx.Response) -> Upstream:
+    async def upstream(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/tokenize":
+            return tokenize
+
+        async def events() -> AsyncIterator[bytes]:
+            yield STREAM
+
+        headers = {"content-type": "text/event-stream"}
+        return httpx.Response(200, content=events(), headers=headers)
+
+    return upstream
+
+
+def usage_of_events(body: bytes) -> list[dict[str, Any]]:
+    events = [e for e in body.decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    return [chunk["usage"] for chunk in chunks if chunk.get("usage")]
+
+
+async def test_chat_stream_usage_counted_by_the_backend_tokenizer(
+    make: Callable[..., Harness],
+) -> None:
+    vllm = Target(TARGET.base_url, "m", "vllm:m", dialect=Dialect.VLLM)
+    counts = httpx.Response(200, json={"count": 4})
+    harness = make(FakeBackend(granted(vllm)), vllm_without_usage(counts))
+    sent = await harness.send(chat(stream=True, stream_options={"include_usage": True}))
+    _, _, body = status_and_body(sent)
+    assert usage_of_events(body) == [
+        {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9}
+    ]
+    (record,) = harness.log.records
+    assert (record.outcome, record.prompt_tokens, record.completion_tokens) == ("ok", 4, 5)
+
+
+async def test_chat_stream_usage_the_backend_cannot_count_is_left_out(
+    make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    vllm = Target(TARGET.base_url, "m", "vllm:m", dialect=Dialect.VLLM)
+    broken = httpx.Response(500, json={"error": "tokenizer crashed"})
+    harness = make(FakeBackend(granted(vllm)), vllm_without_usage(broken))
+    sent = await harness.send(chat(stream=True, stream_options={"include_usage": True}))
+    _, _, body = status_and_body(sent)
+    assert usage_of_events(body) == []
+    (record,) = harness.log.records
+    assert (record.outcome, record.prompt_tokens) == ("ok", None)
+    assert "could not count" in caplog.text

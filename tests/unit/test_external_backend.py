@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 
+from imageworks.backends.base import Dialect
 from imageworks.backends.external import external_target, rewrite_loopback
 from imageworks.registry.schema import RegistryEntry
 
@@ -43,3 +44,12 @@ def test_ollama_target_is_its_openai_endpoint_with_the_tag() -> None:
     target = external_target(entry, "http://imageworks-ollama:11434", None)
     assert target.base_url == "http://imageworks-ollama:11434/v1"
     assert target.model == "phi4:14b"
+
+
+@pytest.mark.parametrize(
+    ("backend", "dialect"),
+    [("vllm", Dialect.VLLM), ("ollama", Dialect.OLLAMA), ("external", Dialect.OPENAI)],
+)
+def test_external_target_says_which_server_answers(backend: str, dialect: Dialect) -> None:
+    entry = _entry(backend, backend_config={"base_url": "http://127.0.0.1:8001/v1"})
+    assert external_target(entry, "http://127.0.0.1:11434", None).dialect is dialect

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from imageworks.backends.base import Dialect
 from imageworks.backends.gpu import GpuSlot
 from imageworks.backends.managed import HolderKey, LaunchPlan, ManagedBackend, Plan
 from imageworks.backends.slot import Rules
@@ -86,4 +87,23 @@ async def test_a_registry_reload_mid_request_keeps_each_request_on_its_own_entry
         ("llama-server", "--alias", "smol-v1"),
         ("llama-server", "--alias", "smol-v2"),
     ]
+    await slot.close(stop_holder=True, timeout_s=5)
+
+
+async def test_a_lease_says_which_server_it_runs_on(tmp_path: Path) -> None:
+    def plan(chosen: RegistryEntry) -> LaunchPlan:
+        spec = LaunchSpec(
+            name=chosen.name,
+            argv=("python", "-m", "llama_cpp.server"),
+            port=24001,
+            log_path=tmp_path / "x.log",
+            dialect=Dialect.LLAMA_CPP_PYTHON,
+        )
+        return LaunchPlan(chosen, spec)
+
+    slot: GpuSlot[HolderKey, Plan, FakeServer] = GpuSlot(RecordingEffects(), Rules())  # type: ignore[arg-type]
+    backend = ManagedBackend(slot, plan, lambda _entry: None)
+    async with backend.lease(entry("smol")) as target:
+        assert target.dialect is Dialect.LLAMA_CPP_PYTHON
+        assert target.model == "smol"
     await slot.close(stop_holder=True, timeout_s=5)

@@ -189,6 +189,8 @@ def test_request_developer_role_becomes_system() -> None:
             {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
             {"type": "object"},
         ),
+        ({"type": "json_object", "schema": {"type": "object"}}, {"type": "object"}),
+        ({"type": "json_schema", "json_schema": {"name": "x"}}, "json"),  # no schema: any JSON
         ({"type": "text"}, None),
     ],
 )

@@ -52,6 +52,7 @@ def test_defaults_are_the_runbook_table() -> None:
     assert settings.vision_truncate_history is True
     assert settings.vision_keep_system is True
     assert settings.vision_keep_last_n_turns == 0
+    assert settings.response_model == "requested"
 
 
 def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,6 +64,7 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHAT_PROXY_AUTOSTART_MAP", '{"m": ["serve", "--port", "1"], "n": "run n"}')
     monkeypatch.setenv("CHAT_PROXY_LLAMACPP_LAUNCHER", "llama-cpp-python")
     monkeypatch.setenv("CHAT_PROXY_LLAMA_SERVER_BINARY", "/opt/llama.cpp/llama-server")
+    monkeypatch.setenv("CHAT_PROXY_RESPONSE_MODEL", "Backend")
     settings = load_settings()
     assert settings.port == 9000
     assert settings.enable_metrics is True
@@ -73,6 +75,7 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.backend_timeout_s == 120.0
     assert settings.llamacpp_launcher == "llama-cpp-python"
     assert settings.llama_server_binary == "/opt/llama.cpp/llama-server"
+    assert settings.response_model == "backend"
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,7 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CHAT_PROXY_AUTOSTART_MAP", '{"m": "serve \\"unclosed"}'),
         ("CHAT_PROXY_AUTOSTART_MAP", '{"m": []}'),
         ("CHAT_PROXY_LLAMACPP_LAUNCHER", "ollama"),
+        ("CHAT_PROXY_RESPONSE_MODEL", "served"),
     ],
 )
 def test_bad_value_is_one_message_naming_the_variable(

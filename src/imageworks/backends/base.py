@@ -3,12 +3,25 @@ backend ready while the request runs."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 from imageworks.registry.schema import RegistryEntry
+
+
+class Dialect(enum.Enum):
+    """Which server answers at a target, for what the OpenAI API leaves to each server (how it
+    takes structured output, which tokenizer endpoints it has). Set by the backend that leases
+    the target: it knows what it started or where it points."""
+
+    OPENAI = "openai"  # an OpenAI-compatible server we know nothing more about
+    LLAMA_SERVER = "llama-server"  # llama.cpp's own server
+    LLAMA_CPP_PYTHON = "llama-cpp-python"  # `python -m llama_cpp.server`
+    VLLM = "vllm"
+    OLLAMA = "ollama"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +34,7 @@ class Target:
     # Why the backend was taken away in the middle of this request (a swap after the drain
     # timeout), so a failure can say so instead of "connection closed".
     preempted: Callable[[], str | None] = lambda: None
+    dialect: Dialect = Dialect.OPENAI
 
 
 class Backend(Protocol):

@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 from imageworks.backends.autostart import Autostarter
-from imageworks.backends.base import Target
+from imageworks.backends.base import Dialect, Target
 from imageworks.registry.endpoints import ollama_tag, openai_base_url
 from imageworks.registry.schema import RegistryEntry
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+# The servers an entry's `backend` names; `external` is any OpenAI-compatible server.
+_DIALECTS = {"vllm": Dialect.VLLM, "ollama": Dialect.OLLAMA}
 
 
 def rewrite_loopback(url: str, alias: str | None) -> str:
@@ -40,7 +42,12 @@ def url_credentials(username: str | None, password: str | None) -> str:
 def external_target(entry: RegistryEntry, ollama_host: str, loopback_alias: str | None) -> Target:
     base_url = rewrite_loopback(openai_base_url(entry, ollama_host), loopback_alias)
     model = ollama_tag(entry) if entry.backend == "ollama" else entry.upstream_model_id
-    return Target(base_url=base_url, model=model, label=f"{entry.backend}:{entry.name}")
+    return Target(
+        base_url=base_url,
+        model=model,
+        label=f"{entry.backend}:{entry.name}",
+        dialect=_DIALECTS.get(entry.backend, Dialect.OPENAI),
+    )
 
 
 class ExternalBackend:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from imageworks.backends.argv import Flag, merge_args
-from imageworks.backends.base import BackendNotReady
+from imageworks.backends.base import BackendNotReady, Dialect
 from imageworks.backends.supervisor import LaunchSpec
 from imageworks.registry.paths import resolve_local_path, weights_path
 from imageworks.registry.schema import RegistryEntry
@@ -41,6 +41,7 @@ class LlamaServer:
     binary: Path | None  # None: not found, and `not_found` says what to do about it
     not_found: str = ""
     health_paths: ClassVar[tuple[str, ...]] = ("/health",)
+    dialect: ClassVar[Dialect] = Dialect.LLAMA_SERVER
 
     def argv(
         self, entry: RegistryEntry, model: Path, template_file: Path | None, *, host: str, port: int
@@ -81,6 +82,7 @@ class LlamaCppPython:
 
     python: str = sys.executable
     health_paths: ClassVar[tuple[str, ...]] = ("/v1/models",)
+    dialect: ClassVar[Dialect] = Dialect.LLAMA_CPP_PYTHON
 
     def argv(
         self, entry: RegistryEntry, model: Path, template_file: Path | None, *, host: str, port: int
@@ -241,4 +243,5 @@ def llamacpp_launch(
         host=host,
         log_path=log_dir / "llamacpp" / log_file_name(entry),
         health_paths=launcher.health_paths,
+        dialect=launcher.dialect,
     )

@@ -327,6 +327,7 @@ class ManagedBackend:
                 model=plan.entry.upstream_model_id,
                 label=f"{plan.entry.backend}:{plan.entry.name}",
                 preempted=lambda: lease.preempted,
+                dialect=plan.spec.dialect,
             )
 
 
@@ -343,4 +344,6 @@ class OllamaBackend:
         target = external_target(entry, self._ollama_host, self._loopback_alias)
         plan = OllamaPlan(target.base_url.removesuffix("/v1"))
         async with self._slot.lease(plan.key, plan) as lease:
-            yield Target(target.base_url, target.model, target.label, lambda: lease.preempted)
+            yield Target(
+                target.base_url, target.model, target.label, lambda: lease.preempted, target.dialect
+            )

@@ -30,6 +30,7 @@ from subprocess import DEVNULL, STDOUT
 
 import httpx
 
+from imageworks.backends.base import Dialect
 from imageworks.backends.procfs import (
     group_members,
     is_same_process,
@@ -89,6 +90,7 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # merged over os.environ
     health_paths: tuple[str, ...] = ("/health", "/v1/models")
     cwd: Path | None = None
+    dialect: Dialect = Dialect.OPENAI  # the server it runs, for the requests sent to it
 
 
 class StartError(Exception):

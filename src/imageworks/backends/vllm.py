@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imageworks.backends.argv import Flag, merge_args
-from imageworks.backends.base import BackendNotReady
+from imageworks.backends.base import BackendNotReady, Dialect
 from imageworks.backends.llamacpp import log_file_name
 from imageworks.backends.supervisor import LaunchSpec
 from imageworks.registry.paths import resolve_local_path, weights_path
@@ -79,4 +79,5 @@ def vllm_launch(
         log_path=log_dir / "vllm" / log_file_name(entry),
         # vLLM forks workers; forkserver avoids CUDA-after-fork failures in them.
         env={"VLLM_WORKER_MULTIPROC_START_METHOD": "forkserver"},
+        dialect=Dialect.VLLM,
     )

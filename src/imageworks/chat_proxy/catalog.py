@@ -1,8 +1,12 @@
-"""The model catalog: `/v1/models` and name resolution, answered from memory.
+"""The model catalog: `/v1/models`, `/v1/models/{id}` and name resolution, answered from memory.
 
 The registry is re-checked off the event loop at most once a second (a few `stat` calls when
 nothing changed). Whether backend-served entries (Ollama tags, external URLs) are installed is
 asked in the background every `installed_refresh_s`, so a dead backend never slows a listing.
+
+A model's `created` is the entry's `downloaded_at` (an ISO 8601 time or Unix seconds, at the top
+of the entry as the original registry writes it, or in `metadata`), else the modification time
+of the registry file that defines the entry (the newer one when both layers do).
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from imageworks.chat_proxy.config import ProxySettings
@@ -35,6 +42,8 @@ class CatalogView:
     index: NameIndex  # every entry that is not deprecated
     listing: bytes  # the /v1/models response body
     listed: int
+    models: Mapping[str, bytes]  # listed id -> its model object, as the listing has it
+    ids: Mapping[str, str]  # entry name -> its listed id
 
 
 class Catalog:
@@ -72,6 +81,21 @@ class Catalog:
     def entry(self, name: str) -> RegistryEntry | None:
         """An entry by logical name from the latest view (for launching managed models)."""
         return self._view.snapshot.get(name) if self._view else None
+
+    def model(self, view: CatalogView, model_id: str) -> bytes:
+        """The `/v1/models/{id}` body: the listed model object with exactly this id."""
+        found = view.models.get(model_id)
+        if found is not None:
+            return found
+        try:  # another name of a listed model: point at its id
+            entry = view.index.resolve(model_id)
+        except EntryNotFound as exc:
+            suggestions = [name for name in exc.suggestions if name in view.models]
+        except AmbiguousName:
+            suggestions = []
+        else:
+            suggestions = [view.ids[entry.name]] if entry.name in view.ids else []
+        raise ModelNotFound(model_id, suggestions)
 
     def resolve(self, view: CatalogView, requested: str) -> RegistryEntry:
         try:
@@ -116,16 +140,25 @@ class Catalog:
             name: self._served_states.get(name, state) if state is Installed.UNKNOWN else state
             for name, state in local.items()
         }
+        file_times = _modification_times(snapshot)
         items = [
-            self._model_item(entry, index, states[entry.name])
+            self._model_item(
+                entry, index, states[entry.name], _created(entry, snapshot, file_times)
+            )
             for entry in index.entries
             if self._settings.include_non_installed or states[entry.name] is Installed.YES
         ]
         listing = json.dumps({"object": "list", "data": items}, ensure_ascii=False).encode()
-        return CatalogView(snapshot, index, listing, len(items))
+        models = {item["id"]: json.dumps(item, ensure_ascii=False).encode() for item in items}
+        ids = {item["extensions"]["logical_id"]: item["id"] for item in items}
+        return CatalogView(snapshot, index, listing, len(items), models, ids)
 
     def _model_item(
-        self, entry: RegistryEntry, index: NameIndex, installed: Installed
+        self,
+        entry: RegistryEntry,
+        index: NameIndex,
+        installed: Installed,
+        created: int,
     ) -> dict[str, Any]:
         shown = display_name(entry)
         model_id = shown if _resolves_to(index, shown, entry) else entry.name
@@ -135,7 +168,7 @@ class Catalog:
         return {
             "id": model_id,
             "object": "model",
-            "created": 0,
+            "created": created,
             "owned_by": "imageworks",
             "extensions": {
                 "logical_id": entry.name,
@@ -149,6 +182,41 @@ class Catalog:
                 "schema_version": self._settings.schema_version,
             },
         }
+
+
+def _modification_times(snapshot: RegistrySnapshot) -> dict[Path, int]:
+    """Unix seconds of each registry file that defines an entry (a file gone meanwhile: 0)."""
+    times: dict[Path, int] = {}
+    for path in {path for paths in snapshot.sources.values() for path in paths}:
+        try:
+            times[path] = int(path.stat().st_mtime)
+        except OSError:
+            times[path] = 0
+    return times
+
+
+def _created(
+    entry: RegistryEntry, snapshot: RegistrySnapshot, file_times: Mapping[Path, int]
+) -> int:
+    defined_in = [file_times.get(path, 0) for path in snapshot.sources.get(entry.name, ())]
+    return _downloaded_at(entry) or max(defined_in, default=0)
+
+
+def _downloaded_at(entry: RegistryEntry) -> int | None:
+    """The entry's `downloaded_at` as Unix seconds, when it has a readable one."""
+    extra = entry.model_extra or {}
+    for value in (extra.get("downloaded_at"), entry.metadata.get("downloaded_at")):
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return int(value)
+        if isinstance(value, str):
+            try:
+                moment = datetime.fromisoformat(value.strip())
+            except ValueError:
+                continue
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            return int(moment.timestamp())
+    return None
 
 
 def _resolves_to(index: NameIndex, name: str, entry: RegistryEntry) -> bool:

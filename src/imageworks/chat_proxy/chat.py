@@ -10,6 +10,7 @@ line, metrics, in-flight count) exactly once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -30,7 +31,9 @@ from imageworks.chat_proxy.forwarding import Completion, Forwarder, UpstreamStre
 from imageworks.chat_proxy.normalize.ollama_path import needs_native_ollama, ollama_num_ctx
 from imageworks.chat_proxy.normalize.reasoning import split_think_completion
 from imageworks.chat_proxy.normalize.request import RequestRules, prepare_request
+from imageworks.chat_proxy.normalize.response import ModelRenamer, complete_answer
 from imageworks.chat_proxy.normalize.stream import EventNormalizer, backend_error
+from imageworks.chat_proxy.normalize.structured import structured_for
 from imageworks.chat_proxy.normalize.tools import normalize_completion
 from imageworks.chat_proxy.normalize.vision import has_images
 from imageworks.chat_proxy.observe import Metrics, RequestLog
@@ -44,8 +47,10 @@ from imageworks.chat_proxy.protocol import (
     StreamTruncated,
     json_bytes,
     parse_chat_request,
+    sse_event,
 )
 from imageworks.chat_proxy.sse import ClientGone, Reply, TaskResponse, shielded
+from imageworks.chat_proxy.usage import StreamUsage, tokenizer_for, wants_usage
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.naming import display_name
 from imageworks.registry.schema import RegistryEntry
@@ -69,6 +74,8 @@ class ChatRules:
     split_think_tags: bool
     log_prompts: bool
     stream_heartbeat_s: float = 5.0
+    # Answers name the model as the client asked for it (else as the backend serves it).
+    requested_model_in_answers: bool = True
 
 
 class ChatService:
@@ -163,37 +170,59 @@ class ChatService:
         target: Target,
         reply: Reply,
     ) -> None:
+        body = structured_for(body, target.dialect)  # the server's form of response_format
         native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
         num_ctx = ollama_num_ctx(entry)
+        requested = body["model"] if self._rules.requested_model_in_answers else None
         if not exchange.stream:
             if native_ollama:
                 completion = await self._forwarder.complete_ollama(target, body, num_ctx)
             else:
                 completion = await self._forwarder.complete(target, body)
-            await self._send_completion(exchange, completion, reply)
+            await self._send_completion(exchange, completion, reply, requested)
             return
         if native_ollama:
             upstream = await self._forwarder.open_ollama_stream(target, body, num_ctx)
         else:
             upstream = await self._forwarder.open_stream(target, body)
+        renamer = None
+        if requested is not None and requested != target.model:
+            renamer = ModelRenamer(target.model, requested)
         try:
             await reply.open_stream()  # the backend has answered: no more `: loading`
-            await self._relay(exchange, upstream, reply)
+            await self._relay(exchange, upstream, reply, renamer, self._usage(body, target))
         finally:
             await shielded(upstream.aclose())
 
+    def _usage(self, body: dict[str, Any], target: Target) -> StreamUsage | None:
+        """How a stream's usage chunk is counted if the backend sends none: for a client that
+        asked for one, from a backend that has a tokenizer endpoint."""
+        if not wants_usage(body):
+            return None
+        post = functools.partial(self._forwarder.backend_json, target)
+        tokenizer = tokenizer_for(target.dialect, target.model, post)
+        return None if tokenizer is None else StreamUsage(tokenizer, body, target.label)
+
     async def _send_completion(
-        self, exchange: Exchange, completion: Completion, reply: Reply
+        self, exchange: Exchange, completion: Completion, reply: Reply, model: str | None
     ) -> None:
-        content, parsed = self._normalize_completion(completion.content, completion.parsed)
+        content, parsed = self._normalize_completion(completion.content, completion.parsed, model)
         exchange.usage = usage_of(parsed)
         if self._log_prompts:
             exchange.response = parsed.get("choices")
         exchange.end(completion.status, "ok")
         await reply.whole(completion.status, content)
 
-    async def _relay(self, exchange: Exchange, upstream: UpstreamStream, reply: Reply) -> None:
-        """The backend's events, one by one as they come; then `[DONE]` if the answer finished,
+    async def _relay(
+        self,
+        exchange: Exchange,
+        upstream: UpstreamStream,
+        reply: Reply,
+        renamer: ModelRenamer | None,
+        usage: StreamUsage | None,
+    ) -> None:
+        """The backend's events, one by one as they come; then the usage chunk if the client
+        asked for one and the backend sent none (counted), and `[DONE]` if the answer finished,
         else the error that says why it did not."""
         normalizer = EventNormalizer(
             tools=self._rules.normalize_tools, split_think=self._rules.split_think_tags
@@ -207,16 +236,28 @@ class ChatService:
                 await reply.done()
                 return
             event = normalizer.process(received)
+            if renamer is not None:
+                event = renamer.event(event)
             if exchange.first_token is None or b'"usage"' in event or self._log_prompts:
                 self._observe_event(exchange, event)
+            if usage is not None and exchange.usage is None:
+                usage.keep(event)
             await reply.event(event)
         if (last := normalizer.flush()) is not None:
+            last = last if renamer is None else renamer.event(last)
+            if usage is not None and exchange.usage is None:
+                usage.keep(last)
             await reply.event(last)
         if not normalizer.finished:
             raise StreamTruncated(
                 f"Backend {upstream.target.label} ended the stream before the answer was "
                 "finished (no choice had a finish_reason); the answer is incomplete."
             )
+        if usage is not None and exchange.usage is None:  # the backend did not report it
+            counted = await usage.chunk()
+            if counted is not None:
+                exchange.usage = counted["usage"]
+                await reply.event(sse_event(counted))
         # Settled before [DONE] goes out: a client that hangs up as soon as it reads it (the
         # OpenAI SDK does) has not cancelled anything.
         exchange.end(200, "ok")
@@ -259,14 +300,16 @@ class ChatService:
         return check
 
     def _normalize_completion(
-        self, content: bytes, parsed: dict[str, Any]
+        self, content: bytes, parsed: dict[str, Any], model: str | None
     ) -> tuple[bytes, dict[str, Any]]:
-        """Tool calls and think tags in a whole answer; the backend's bytes if nothing changes."""
+        """Tool calls, think tags and OpenAI's fields in a whole answer (`model`: the name it
+        gives the model, None to keep the backend's); the backend's bytes if nothing changes."""
         result = parsed
         if self._rules.normalize_tools:
             result = normalize_completion(result)
         if self._rules.split_think_tags:
             result = split_think_completion(result)
+        result = complete_answer(result, model)
         if result is parsed:
             return content, parsed
         return json_bytes(result), result

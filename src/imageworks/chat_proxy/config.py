@@ -51,6 +51,9 @@ class ProxySettings(BaseSettings):
     vision_truncate_history: bool = True
     vision_keep_system: bool = True
     vision_keep_last_n_turns: int = Field(default=0, ge=0)
+    # The `model` of answers and stream chunks: the name the client asked for (`requested`), or
+    # the id the backend serves it under (`backend`).
+    response_model: Literal["requested", "backend"] = "requested"
 
     # -- observability ---------------------------------------------------------------------------
     enable_metrics: bool = False
@@ -100,9 +103,9 @@ class ProxySettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("llamacpp_launcher", mode="before")
+    @field_validator("llamacpp_launcher", "response_model", mode="before")
     @classmethod
-    def _launcher_name(cls, value: object) -> object:
+    def _lowercase_choice(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("vllm_launcher", mode="before")

@@ -34,6 +34,8 @@ from imageworks.chat_proxy.protocol import (
 
 _HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
+# Calls beside the chat request (tokenizer endpoints) are quick or not worth waiting for.
+_SIDE_CALL_TIMEOUT_S = 10.0
 
 
 def new_client() -> httpx.AsyncClient:
@@ -96,13 +98,26 @@ class Forwarder:
         request = self._openai_request(target, body, self._backend_timeout_s)
         return await self._complete(target, request)
 
-    async def _complete(self, target: Target, request: httpx.Request) -> Completion:
+    async def backend_json(
+        self, target: Target, path: str, payload: dict[str, Any]
+    ) -> dict[str, Any]:
+        """POST `payload` to `path` at the backend's root, beside `/v1` (where llama-server and
+        vLLM have their tokenizer endpoints), and return its JSON object; ProxyErrors."""
+        timeout = min(self._backend_timeout_s, _SIDE_CALL_TIMEOUT_S)
+        url = target.base_url.removesuffix("/v1") + path
+        answer = await self._complete(target, self._request(url, payload, timeout), timeout)
+        return answer.parsed
+
+    async def _complete(
+        self, target: Target, request: httpx.Request, timeout_s: float | None = None
+    ) -> Completion:
+        timeout_s = self._backend_timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(self._backend_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 response = await self._client.send(request)
         except TimeoutError:
             raise BackendTimeout(
-                f"Backend {target.label} did not answer within {self._backend_timeout_s:g}s.",
+                f"Backend {target.label} did not answer within {timeout_s:g}s.",
                 code="backend_timeout",
             ) from None
         except httpx.HTTPError as exc:

@@ -46,6 +46,13 @@ async def models(request: Request) -> Response:
     return Response(view.listing, media_type="application/json")
 
 
+@router.get("/models/{model_id:path}")
+async def model(request: Request, model_id: str) -> Response:
+    # The path arrives percent-decoded (`smollm2%20135m%20(Q4%201)`); ids may contain `/`.
+    catalog = _services(request).catalog
+    return Response(catalog.model(await catalog.view(), model_id), media_type="application/json")
+
+
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     # The response runs the whole request, and stops it the moment the client goes away.

@@ -196,6 +196,7 @@ def chat_rules(settings: ProxySettings) -> ChatRules:
         split_think_tags=settings.split_think_tags,
         log_prompts=settings.log_prompts,
         stream_heartbeat_s=settings.stream_heartbeat_s,
+        requested_model_in_answers=settings.response_model == "requested",
     )
 
 

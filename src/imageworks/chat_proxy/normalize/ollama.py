@@ -13,6 +13,7 @@ import json
 from datetime import datetime
 from typing import Any
 
+from imageworks.chat_proxy.normalize.structured import ollama_format
 from imageworks.chat_proxy.protocol import BadGateway, InvalidRequest
 
 # OpenAI request fields that Ollama's `options` take under the same name, copied when set.
@@ -43,7 +44,7 @@ def to_ollama_chat(body: dict[str, Any], *, model: str, num_ctx: int | None) -> 
     # Ollama has no tool_choice; "none" is honoured by not offering the tools at all.
     if body.get("tools") and body.get("tool_choice") != "none":
         out["tools"] = body["tools"]
-    format_ = _format(body.get("response_format"))
+    format_ = ollama_format(body.get("response_format"))
     if format_ is not None:
         out["format"] = format_
     out.update({key: body[key] for key in _OLLAMA_EXTRAS if key in body})
@@ -129,17 +130,6 @@ def _ollama_tool_call(call: Any, position: int) -> dict[str, Any]:
             parsed = arguments  # not JSON: Ollama will say so, with the text the model wrote
         arguments = parsed if isinstance(parsed, dict) else arguments
     return {"function": {"name": function.get("name", ""), "arguments": arguments}}
-
-
-def _format(response_format: Any) -> str | dict[str, Any] | None:
-    if not isinstance(response_format, dict):
-        return None
-    if response_format.get("type") == "json_object":
-        return "json"
-    schema = (response_format.get("json_schema") or {}).get("schema")
-    if response_format.get("type") == "json_schema" and isinstance(schema, dict):
-        return schema  # Ollama's structured outputs take the schema itself as `format`
-    return None
 
 
 def from_ollama_chat(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from imageworks.chat_proxy.normalize.request import wants_tools
+from imageworks.chat_proxy.normalize.structured import wants_structured_output
 from imageworks.chat_proxy.normalize.vision import has_images
 from imageworks.registry.schema import RegistryEntry
 
@@ -24,5 +25,12 @@ def ollama_num_ctx(entry: RegistryEntry) -> int | None:
 
 def needs_native_ollama(body: dict[str, Any], entry: RegistryEntry) -> bool:
     """Ollama's `/v1` drops what these need: inline images as raw base64, tool calls with
-    object arguments, and `num_ctx`. Everything else takes the OpenAI path unchanged."""
-    return has_images(body["messages"]) or wants_tools(body) or ollama_num_ctx(entry) is not None
+    object arguments, and `num_ctx`; structured output goes where Ollama takes it, as `format`
+    (its `/v1` ignores a `response_format` it does not know). Everything else takes the OpenAI
+    path unchanged."""
+    return (
+        has_images(body["messages"])
+        or wants_tools(body)
+        or wants_structured_output(body)
+        or ollama_num_ctx(entry) is not None
+    )

@@ -57,7 +57,7 @@ class EventNormalizer:
         wants_think = self._think is not None and self._think.wants(event)
         if not (wants_tools or wants_think):
             return event
-        chunk = _parse_data(event)
+        chunk = event_data(event)
         if chunk is None:
             return event
         result = chunk
@@ -72,7 +72,7 @@ def finishes_a_choice(event: bytes) -> bool:
     """True if a choice in this SSE event has a non-null `finish_reason`."""
     if _FINISHING.search(event) is None:
         return False
-    chunk = _parse_data(event)
+    chunk = event_data(event)
     choices = chunk.get("choices") if chunk is not None else None
     if not isinstance(choices, list):
         return False
@@ -83,14 +83,15 @@ def backend_error(event: bytes) -> dict[str, Any] | None:
     """The error object of a `data: {"error": {...}}` event (a backend giving up mid-stream)."""
     if _ERROR_EVENT.match(event) is None:
         return None
-    chunk = _parse_data(event)
+    chunk = event_data(event)
     error = chunk.get("error") if chunk is not None else None
     if isinstance(error, dict):
         return error
     return {"message": error} if isinstance(error, str) else None
 
 
-def _parse_data(event: bytes) -> dict[str, Any] | None:
+def event_data(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of a `data:` event, or None (a comment, `[DONE]`, not an object)."""
     data = event.strip()
     if not data.startswith(b"data:"):
         return None
