@@ -14,9 +14,12 @@ from typing import Any
 
 import httpx
 
+import imageworks
+
 SCRIPTS = Path(sys.executable).parent
 PROXY = SCRIPTS / "imageworks-chat-proxy"
 LOADER = SCRIPTS / "imageworks-loader"
+SOURCE = str(Path(imageworks.__file__).resolve().parent.parent)
 
 
 def free_port() -> int:
@@ -61,6 +64,8 @@ class Workspace:
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
+            # The child runs the code under test, wherever the installed package points.
+            "PYTHONPATH": os.pathsep.join(filter(None, [SOURCE, os.environ.get("PYTHONPATH")])),
             "CHAT_PROXY_PORT": str(self.proxy_port),
             "CHAT_PROXY_VLLM_PORT": str(self.model_port),
             "IMAGEWORKS_OLLAMA_HOST": "http://127.0.0.1:9",

@@ -43,8 +43,8 @@ from imageworks.chat_proxy.protocol import (
     QueueTimeout,
     StreamTruncated,
     json_bytes,
-    parse_chat_request,
 )
+from imageworks.chat_proxy.requests import ChatCompletionRequest, as_json_data, parse_chat_request
 from imageworks.chat_proxy.sse import ClientGone, Reply, TaskResponse, shielded
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.naming import display_name
@@ -57,6 +57,8 @@ _DONE_EVENTS = (b"data: [DONE]", b"data:[DONE]")
 # Backends whose servers render the chat template themselves from the weights (Ollama embeds
 # it in its model files; external servers are someone else's business).
 TEMPLATED_BACKENDS = frozenset({"vllm", "llamacpp"})
+# Bodies larger than this are parsed in a thread, so the event loop keeps serving meanwhile.
+_PARSE_IN_THREAD_BYTES = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +123,15 @@ class ChatService:
             self._metrics.request_finished(record)
 
     async def _answer(self, exchange: Exchange, raw_body: bytes, reply: Reply) -> None:
-        body = parse_chat_request(raw_body)
-        exchange.model_requested = body["model"]
-        exchange.stream = bool(body.get("stream"))
-        exchange.prompt = body.get("messages")
-        entry, registry_dir = await self._resolve(body["model"])
+        if len(raw_body) > _PARSE_IN_THREAD_BYTES:
+            body = await asyncio.to_thread(parse_chat_request, raw_body)
+        else:
+            body = parse_chat_request(raw_body)
+        exchange.model_requested = body.model
+        exchange.stream = bool(body.stream)
+        if self._log_prompts:
+            exchange.prompt = [as_json_data(message) for message in body.messages]
+        entry, registry_dir = await self._resolve(body.model)
         exchange.entry = entry
         self._metrics.request_started(entry.name)  # request_finished takes it back
         body = await self._prepare(body, entry, registry_dir)
@@ -159,7 +165,7 @@ class ChatService:
         self,
         exchange: Exchange,
         entry: RegistryEntry,
-        body: dict[str, Any],
+        body: ChatCompletionRequest,
         target: Target,
         reply: Reply,
     ) -> None:
@@ -230,8 +236,8 @@ class ChatService:
         return self._catalog.resolve(view, model), view.snapshot.directory
 
     async def _prepare(
-        self, body: dict[str, Any], entry: RegistryEntry, registry_dir: Path
-    ) -> dict[str, Any]:
+        self, body: ChatCompletionRequest, entry: RegistryEntry, registry_dir: Path
+    ) -> ChatCompletionRequest:
         """Check and shape the request for the entry (400s come from here)."""
         shown = display_name(entry)
         if self._rules.require_template and entry.backend in TEMPLATED_BACKENDS:
@@ -244,7 +250,7 @@ class ChatService:
                     param="model",
                     code="chat_template_missing",
                 )
-        if has_images(body["messages"]):  # decoding images is CPU work: not on the loop
+        if has_images(body.messages):  # decoding images is CPU work: not on the loop
             return await asyncio.to_thread(prepare_request, body, entry, shown, self._rules.request)
         return prepare_request(body, entry, shown, self._rules.request)
 

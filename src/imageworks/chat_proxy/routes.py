@@ -13,10 +13,12 @@ from starlette.responses import JSONResponse, Response
 
 from imageworks.backends.base import BackendNotReady
 from imageworks.chat_proxy.protocol import (
+    MAX_JSON_DEPTH,
     BackendUnavailable,
     InvalidRequest,
     NotFoundError,
     ProxyError,
+    json_shape_problem,
 )
 from imageworks.chat_proxy.services import Services
 
@@ -85,8 +87,9 @@ async def admin_status(request: Request) -> dict[str, Any]:
 async def admin_activate(request: Request) -> Response:
     """Load a model now (as a request for it would), and answer once it is ready."""
     services = _services(request)
+    raw = await request.body() or b"{}"
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = None if json_shape_problem(raw, MAX_JSON_DEPTH) else json.loads(raw)
     except ValueError:
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):

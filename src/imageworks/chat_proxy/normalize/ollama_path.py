@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from imageworks.chat_proxy.normalize.request import wants_tools
 from imageworks.chat_proxy.normalize.vision import has_images
+from imageworks.chat_proxy.requests import ChatCompletionRequest
 from imageworks.registry.schema import RegistryEntry
 
 
@@ -22,7 +21,7 @@ def ollama_num_ctx(entry: RegistryEntry) -> int | None:
     return entry.generation_defaults.context_window
 
 
-def needs_native_ollama(body: dict[str, Any], entry: RegistryEntry) -> bool:
+def needs_native_ollama(request: ChatCompletionRequest, entry: RegistryEntry) -> bool:
     """Ollama's `/v1` drops what these need: inline images as raw base64, tool calls with
     object arguments, and `num_ctx`. Everything else takes the OpenAI path unchanged."""
-    return has_images(body["messages"]) or wants_tools(body) or ollama_num_ctx(entry) is not None
+    return has_images(request.messages) or wants_tools(request) or ollama_num_ctx(entry) is not None
