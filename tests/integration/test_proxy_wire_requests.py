@@ -1,14 +1,18 @@
 """Malformed requests through the real proxy, in front of the demo backend (the real console
 script and llama.cpp) and of the scripted upstream: each is a 400 that names the field, a body
-nested too deep is a 400, and what a backend rejects as bad input reaches the client as a 400,
-not a 502. Unknown fields reach the backend untouched."""
+nested too deep is a 400, a body too large is a 413 before it is read, and what a backend
+rejects as bad input reaches the client as a 400, not a 502. Unknown fields reach the backend
+untouched."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import select
 import signal
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,3 +227,109 @@ def test_an_extension_llama_server_rejects_is_a_400(demo: Proxy, field: str, val
     response = post(demo, body)
     assert response.status_code == 400
     assert field in openai_error(response)["message"]
+
+
+# -- CHAT_PROXY_MAX_BODY_BYTES: a 413 before the body is read --------------------------------
+
+SIXTY_MB = 60_000_000
+PIECE = 1 << 20
+
+
+def _send_until_answered(
+    proxy: Proxy, head: bytes, frames: Iterator[bytes], timeout_s: float = 60
+) -> tuple[bytes, int, bool]:
+    """Write `head` then `frames` over a raw socket while reading what comes back; stop
+    writing as soon as an answer arrives. Returns (what was received, body bytes written,
+    whether the proxy closed the connection)."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    received = b""
+    written = 0
+    closed = False
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(head)
+        sock.setblocking(False)
+        pending = b""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not pending:
+                pending = next(frames, b"")
+            writable = [sock] if pending and not received else []
+            readable, ready, _ = select.select([sock], writable, [], 1.0)
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    closed = True
+                    break
+                if not data:
+                    closed = True
+                    break
+                received += data
+            elif ready:
+                try:
+                    sent = sock.send(pending)
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                written += sent
+                pending = pending[sent:]
+    return received, written, closed
+
+
+def _chunked(total: int) -> Iterator[bytes]:
+    """A JSON-looking body of `total` bytes, in chunked transfer encoding."""
+    start = b'{"model": "m", "messages": [{"role": "user", "content": "'
+    yield b"%x\r\n%s\r\n" % (len(start), start)
+    for _ in range((total - len(start)) // PIECE):
+        yield b"%x\r\n%s\r\n" % (PIECE, b"a" * PIECE)
+
+
+def test_a_60mb_body_is_a_413_before_it_is_read_and_the_connection_closes(proxy: Proxy) -> None:
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    began = time.monotonic()
+    received, written, closed = _send_until_answered(proxy, head, _chunked(SIXTY_MB))
+    assert received.startswith(b"HTTP/1.1 413 "), received[:200]
+    assert written < SIXTY_MB  # answered while the client was still sending
+    assert closed  # and the rest never read
+    headers, _, content = received.partition(b"\r\n\r\n")
+    assert b"connection: close" in headers.lower()
+    error = json.loads(content)["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "body_too_large")
+    assert "CHAT_PROXY_MAX_BODY_BYTES" in error["message"]
+    assert time.monotonic() - began < 30
+
+
+def test_a_content_length_over_the_limit_is_a_413_before_any_byte_is_read(proxy: Proxy) -> None:
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % SIXTY_MB
+    )
+    received, written, closed = _send_until_answered(proxy, head, iter([]), timeout_s=10)
+    assert received.startswith(b"HTTP/1.1 413 "), received[:200]
+    assert written == 0
+    assert closed
+
+
+def _refusals(proxy: ProxyServer) -> list[dict[str, Any]]:
+    text = proxy.log_path.read_text() if proxy.log_path.exists() else ""
+    return [line for line in map(json.loads, text.splitlines()) if line["status"] == 413]
+
+
+def test_a_refused_body_is_logged_once(scripted_proxy: ProxyServer) -> None:
+    before = len(_refusals(scripted_proxy))
+    response = httpx.post(
+        f"{scripted_proxy.url}/v1/chat/completions",
+        content=b"x" * (scripted_proxy.settings.max_body_bytes + 1),
+        timeout=60,
+    )
+    assert response.status_code == 413
+    deadline = time.monotonic() + 10
+    while len(_refusals(scripted_proxy)) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # and no second line
+    (record,) = _refusals(scripted_proxy)[before:]
+    assert (record["outcome"], record["model_requested"]) == ("error", None)
+    assert "CHAT_PROXY_MAX_BODY_BYTES" in record["error"]

@@ -10,6 +10,7 @@ import pytest
 
 from imageworks.chat_proxy.protocol import (
     BadGateway,
+    BodyTooLarge,
     InvalidRequest,
     UpstreamError,
     json_shape_problem,
@@ -114,6 +115,14 @@ def test_a_backend_4xx_keeps_its_status_and_body() -> None:
     assert isinstance(error, UpstreamError)
     assert error.status == 400
     assert error.body() == {"error": {**body["error"], "param": None}}
+
+
+def test_body_too_large_closes_the_connection() -> None:
+    error = BodyTooLarge(50_000_000)
+    assert (error.status, error.code) == (413, "body_too_large")
+    assert "50,000,000 bytes" in error.message
+    assert "CHAT_PROXY_MAX_BODY_BYTES" in error.message
+    assert error.headers() == {"Connection": "close"}
 
 
 # -- json_shape_problem -------------------------------------------------------------------------

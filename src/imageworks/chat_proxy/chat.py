@@ -97,6 +97,14 @@ class ChatService:
         """The response for a `/v1/chat/completions` body; the request runs when it is sent."""
         return TaskResponse(lambda reply: self._serve(raw_body, reply))
 
+    def refused(self, error: ProxyError) -> None:
+        """Record a request refused before it could be read (its body was too large)."""
+        exchange = Exchange()
+        exchange.end(error.status, "error", error.message)
+        record = exchange.record(self._log_prompts)
+        self._log.write(record)
+        self._metrics.request_finished(record)
+
     async def activate(self, model: str) -> None:
         """Make `model`'s backend ready without a request (the admin endpoint); ProxyErrors."""
         entry, _ = await self._resolve(model)

@@ -8,6 +8,8 @@ the chat owner itself (`sse.Reply.fail`: the same body, or an SSE error event on
     │   │                           or value (`requests.py`), input the backend rejected
     │   └── CapabilityError 400     the model lacks what the request needs (vision, tools)
     ├── PayloadTooLarge     413     an image (or all of them) beyond CHAT_PROXY_MAX_IMAGE_BYTES
+    │   └── BodyTooLarge    413     a body beyond CHAT_PROXY_MAX_BODY_BYTES (and the connection
+    │                               is closed: the rest is never read)
     ├── ModelNotFound       404     no registry entry answers to `model` (lists close names)
     ├── NotFoundError       404     an endpoint that is switched off
     ├── BackendUnavailable  503     the backend cannot be reached or started (names it)
@@ -67,6 +69,18 @@ class CapabilityError(InvalidRequest):
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
+
+
+class BodyTooLarge(PayloadTooLarge):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The request body is larger than {limit:,} bytes (CHAT_PROXY_MAX_BODY_BYTES).",
+            code="body_too_large",
+        )
+
+    def headers(self) -> dict[str, str]:
+        # The rest of the body is never read, so the connection cannot carry another request.
+        return {"Connection": "close"}
 
 
 class ModelNotFound(ProxyError):
