@@ -90,6 +90,12 @@ async def metrics(request: Request) -> Response:
     return JSONResponse({**services.metrics.snapshot(), "slot": services.slot.status()})
 
 
+@router.get("/openapi.json")
+async def openapi(request: Request) -> Response:
+    document: bytes = request.app.state.openapi
+    return Response(document, media_type="application/json")
+
+
 # -- admin: the GPU slot, for `imageworks-loader activate-model/current-model` -----------------
 
 
