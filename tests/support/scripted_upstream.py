@@ -49,7 +49,7 @@ COMPLETIONS = (
     "mute",
     "no-usage",
 )
-SCENARIOS = (*COMPLETIONS, "error-400", "error-500", "error-html")
+SCENARIOS = (*COMPLETIONS, "error-400", "error-500", "error-validation", "error-html")
 ECHO_TEXT = "Hello from the scripted upstream."
 ECHO_PIECES = ("Hello", " from", " upstream")
 SLOW_PIECES = ("Slow", " and", " steady", ".")
@@ -80,6 +80,14 @@ CONTEXT_ERROR = error_body(
     "context_length_exceeded",
 )
 SERVER_ERROR = error_body("internal upstream failure", "server_error")
+# What llama-cpp-python's server answers (HTTP 500) for a request its models reject: FastAPI's
+# dump of the validation errors, then a traceback.
+VALIDATION_ERROR = error_body(
+    "1 validation error:\n  {'type': 'int_parsing', 'loc': ('body', 'top_k'), 'msg': 'Input "
+    "should be a valid integer, unable to parse string as an integer', 'input': 'abc'}\n\n"
+    '  File "llama_cpp/server/app.py", line 376, in create_chat_completion\n',
+    "internal_server_error",
+)
 
 
 class _Reply:
@@ -376,6 +384,9 @@ class ScriptedUpstream:
 
     async def _error_500(self, reply: _Reply, stream: bool) -> None:
         await reply.json(500, SERVER_ERROR)
+
+    async def _error_validation(self, reply: _Reply, stream: bool) -> None:
+        await reply.json(500, VALIDATION_ERROR)
 
     async def _error_html(self, reply: _Reply, stream: bool) -> None:
         await reply.body(502, b"text/html; charset=utf-8", HTML_502)

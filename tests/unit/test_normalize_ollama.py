@@ -13,6 +13,7 @@ from imageworks.chat_proxy.normalize.ollama import (
     to_ollama_chat,
 )
 from imageworks.chat_proxy.protocol import BadGateway, InvalidRequest
+from support.wire import typed_request
 
 USER = [{"role": "user", "content": "hi"}]
 PNG = "iVBORw0KGgoAAAANSUhEUg=="
@@ -26,7 +27,7 @@ def _request(**fields: Any) -> dict[str, Any]:
 
 
 def _to(body: dict[str, Any], num_ctx: int | None = None) -> dict[str, Any]:
-    return to_ollama_chat(body, model="qwen3:8b", num_ctx=num_ctx)
+    return to_ollama_chat(typed_request(body), model="qwen3:8b", num_ctx=num_ctx)
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def test_request_image_urls_are_refused_not_fetched(url: str) -> None:
 
 
 def test_request_unknown_content_part_is_refused() -> None:
-    content = [{"type": "input_audio", "input_audio": {"data": "..."}}]
+    content = [{"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}}]
     with pytest.raises(InvalidRequest, match="input_audio"):
         _to(_request(messages=[{"role": "user", "content": content}]))
 

@@ -3,6 +3,7 @@ OpenAI servers, llama-cpp-python's json_object with a schema, Ollama's `format`.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from imageworks.chat_proxy.normalize.structured import (
     structured_for,
     wants_structured_output,
 )
+from imageworks.chat_proxy.requests import ChatCompletionRequest, parse_chat_request
 from imageworks.registry.schema import RegistryEntry
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
@@ -82,7 +84,7 @@ def test_other_response_formats_are_left_to_the_backend(
 def test_a_request_without_response_format_is_left_as_it_is() -> None:
     body = {"model": "m", "messages": []}
     assert structured_for(body, Dialect.LLAMA_CPP_PYTHON) is body
-    assert not wants_structured_output(body)
+    assert not wants_structured_output(None)
 
 
 @pytest.mark.parametrize(
@@ -107,5 +109,9 @@ def test_ollama_requests_are_shaped_by_the_native_translation() -> None:
 @pytest.mark.parametrize("response_format", [JSON_SCHEMA, JSON_OBJECT])
 def test_ollama_structured_output_takes_the_native_api(response_format: dict[str, Any]) -> None:
     entry = RegistryEntry(name="qwen", backend="ollama")
-    assert needs_native_ollama(request(response_format), entry)
-    assert not needs_native_ollama(request({"type": "text"}), entry)
+
+    def typed(response_format: dict[str, Any]) -> ChatCompletionRequest:
+        return parse_chat_request(json.dumps(request(response_format)).encode())
+
+    assert needs_native_ollama(typed(response_format), entry)
+    assert not needs_native_ollama(typed({"type": "text"}), entry)

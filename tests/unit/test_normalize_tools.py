@@ -18,6 +18,7 @@ from imageworks.chat_proxy.normalize.tools import (
     normalize_completion,
     normalize_tool_request,
 )
+from support.wire import plain, typed_request
 
 JsonDict = dict[str, Any]
 CALL_ID = re.compile(r"^call_[0-9a-f]{24}$")
@@ -566,9 +567,9 @@ REQUEST_CASES = {
 
 @pytest.mark.parametrize(("body", "expected"), REQUEST_CASES.values(), ids=REQUEST_CASES.keys())
 def test_tool_request_normalized(body: JsonDict, expected: JsonDict) -> None:
-    before = copy.deepcopy(body)
-    assert normalize_tool_request(body) == expected
-    assert body == before
+    request = typed_request(body)
+    assert plain(normalize_tool_request(request)) == expected
+    assert plain(request) == body
 
 
 UNCHANGED_REQUESTS = {
@@ -580,4 +581,5 @@ UNCHANGED_REQUESTS = {
 
 @pytest.mark.parametrize("body", UNCHANGED_REQUESTS.values(), ids=UNCHANGED_REQUESTS.keys())
 def test_tool_request_needing_no_change_is_returned_itself(body: JsonDict) -> None:
-    assert normalize_tool_request(body) is body
+    request = typed_request(body)
+    assert normalize_tool_request(request) is request

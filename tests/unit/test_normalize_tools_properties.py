@@ -14,6 +14,7 @@ from imageworks.chat_proxy.normalize.tools import (
     normalize_completion,
     normalize_tool_request,
 )
+from support.wire import plain, typed_request
 
 JsonDict = dict[str, Any]
 TOOL_KEYS = ("tool_calls", "function_call")
@@ -109,17 +110,21 @@ def _dicts(*, tools: bool) -> st.SearchStrategy[JsonDict]:
 
 
 def _requests() -> st.SearchStrategy[JsonDict]:
+    """Request bodies with any mix of tool fields, each of a type the typed request accepts."""
     texts = _texts(tools=True)
-    anything = _json(texts)
-    function = st.fixed_dictionaries({"name": texts}, optional={"parameters": anything})
+    name = texts.filter(bool)
+    schema = st.dictionaries(texts, _json(texts), max_size=3)
+    function = st.fixed_dictionaries({"name": name}, optional={"parameters": schema})
     tool = st.fixed_dictionaries({"type": st.just("function"), "function": function})
+    chosen = st.builds(dict, name=texts)
+    named = st.fixed_dictionaries({"type": st.just("function"), "function": chosen})
     return st.fixed_dictionaries(
-        {"model": texts},
+        {"model": name, "messages": st.just([{"role": "user", "content": "hi"}])},
         optional={
-            "tools": st.lists(tool, max_size=2) | anything,
-            "tool_choice": st.sampled_from(["auto", "none", "required"]) | anything,
+            "tools": st.lists(tool, max_size=2) | st.none(),
+            "tool_choice": st.sampled_from(["auto", "none", "required"]) | named | st.none(),
             "parallel_tool_calls": st.booleans(),
-            "functions": st.lists(function, max_size=2) | anything,
+            "functions": st.lists(function, max_size=2) | st.none(),
             "function_call": st.sampled_from(["auto", "none"]) | st.builds(dict, name=texts),
         },
     )
@@ -156,11 +161,14 @@ def test_stream_never_raises_nor_mutates(chunks: list[JsonDict]) -> None:
 
 
 @modest
-@given(body=_requests() | _dicts(tools=True))
+@given(body=_requests())
 def test_request_never_raises_nor_mutates(body: JsonDict) -> None:
-    before = copy.deepcopy(body)
-    normalize_tool_request(body)
-    assert body == before
+    request = typed_request(body)
+    before = plain(request)
+    result = plain(normalize_tool_request(request))
+    assert plain(request) == before
+    assert not set(result) & {"functions", "function_call"}
+    assert result.get("tools", True)  # never an empty or null list
 
 
 @modest
@@ -181,10 +189,10 @@ def test_chunks_without_tool_keys_are_returned_themselves(chunks: list[JsonDict]
 
 
 @modest
-@given(body=_requests() | _dicts(tools=True))
+@given(body=_requests())
 def test_request_without_tool_keys_is_returned_itself(body: JsonDict) -> None:
-    body = {key: value for key, value in body.items() if key not in REQUEST_KEYS}
-    assert normalize_tool_request(body) is body
+    request = typed_request({key: value for key, value in body.items() if key not in REQUEST_KEYS})
+    assert normalize_tool_request(request) is request
 
 
 @modest

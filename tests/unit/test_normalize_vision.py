@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 from typing import Any
 
 import pytest
@@ -15,6 +14,7 @@ from imageworks.chat_proxy.normalize.vision import (
     validate_images,
 )
 from imageworks.chat_proxy.protocol import CapabilityError, InvalidRequest, PayloadTooLarge
+from support.wire import plain, typed_messages, typed_request
 
 # Just the magic numbers plus a few bytes: enough for a format check, no real decoder needed.
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
@@ -43,6 +43,10 @@ def user(*parts: dict[str, Any] | str) -> dict[str, Any]:
     if len(parts) == 1 and isinstance(parts[0], str):
         return {"role": "user", "content": parts[0]}
     return {"role": "user", "content": [text(p) if isinstance(p, str) else p for p in parts]}
+
+
+def typed(messages: list[dict[str, Any]]) -> Any:
+    return typed_messages(messages) if messages else []
 
 
 def at_where(url: str) -> list[dict[str, Any]]:
@@ -75,7 +79,7 @@ PICTURE_C = image(data_url("image/gif", GIF))
     ],
 )
 def test_has_images_finds_image_parts(messages: list[dict[str, Any]], expected: bool) -> None:
-    assert has_images(messages) is expected
+    assert has_images(typed(messages)) is expected
 
 
 # -- validate_images: accepted -----------------------------------------------------------------
@@ -94,35 +98,35 @@ def test_has_images_finds_image_parts(messages: list[dict[str, Any]], expected: 
     ],
 )
 def test_validate_images_accepts_supported_type(mime: str, data: bytes) -> None:
-    assert validate_images([user("look", image(data_url(mime, data)))], POLICY) == len(data)
+    assert validate_images(typed([user("look", image(data_url(mime, data)))]), POLICY) == len(data)
 
 
 def test_validate_images_accepts_bare_string_image_url() -> None:
     part = {"type": "image_url", "image_url": data_url("image/png", PNG)}
-    assert validate_images([user(part)], POLICY) == len(PNG)
+    assert validate_images(typed([user(part)]), POLICY) == len(PNG)
 
 
 def test_validate_images_strips_whitespace_in_payload() -> None:
     encoded = base64.b64encode(PNG + JPEG).decode()
     wrapped = "\n".join(encoded[i : i + 8] for i in range(0, len(encoded), 8)) + "\n"
     url = f"data:image/png;base64,{wrapped}"
-    assert validate_images([user(image(url))], POLICY) == len(PNG + JPEG)
+    assert validate_images(typed([user(image(url))]), POLICY) == len(PNG + JPEG)
 
 
 def test_validate_images_sums_inline_images() -> None:
     messages = [user(PICTURE_A, "and"), {"role": "assistant", "content": "ok"}, user(PICTURE_B)]
-    assert validate_images(messages, POLICY) == len(PNG) + len(JPEG)
+    assert validate_images(typed(messages), POLICY) == len(PNG) + len(JPEG)
 
 
 def test_validate_images_without_images_is_zero() -> None:
-    assert validate_images([SYSTEM, user("hello")], POLICY) == 0
+    assert validate_images(typed([SYSTEM, user("hello")]), POLICY) == 0
 
 
 def test_validate_images_does_not_mutate_input() -> None:
-    messages = [SYSTEM, user("look", PICTURE_A)]
-    before = copy.deepcopy(messages)
+    messages = typed([SYSTEM, user("look", PICTURE_A)])
+    before = plain(messages)
     validate_images(messages, POLICY)
-    assert messages == before
+    assert plain(messages) == before
 
 
 # -- validate_images: refused (400) --------------------------------------------------------------
@@ -159,7 +163,7 @@ _PNG_B64 = base64.b64encode(PNG).decode()
 )
 def test_validate_images_refuses_bad_image(url: str, code: str, fragment: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        validate_images(at_where(url), POLICY)
+        validate_images(typed(at_where(url)), POLICY)
     error = caught.value
     assert (error.status, error.code, error.param) == (400, code, WHERE)
     assert error.message.startswith(f"{WHERE}: ")
@@ -167,18 +171,20 @@ def test_validate_images_refuses_bad_image(url: str, code: str, fragment: str) -
 
 
 @pytest.mark.parametrize(
-    "part",
+    ("part", "param"),
     [
-        {"type": "image_url"},
-        {"type": "image_url", "image_url": {}},
-        {"type": "image_url", "image_url": {"url": 42}},
+        ({"type": "image_url"}, "messages[1].content[2].image_url"),
+        ({"type": "image_url", "image_url": {}}, "messages[1].content[2].image_url.url"),
+        ({"type": "image_url", "image_url": {"url": 42}}, "messages[1].content[2].image_url.url"),
     ],
 )
-def test_validate_images_refuses_part_without_url(part: dict[str, Any]) -> None:
+def test_a_part_without_a_url_string_never_gets_here(part: dict[str, Any], param: str) -> None:
+    # The typed request refuses it, naming the field; every image part that reaches
+    # validate_images has a string URL.
     messages = [SYSTEM, user("a", "b", part)]
     with pytest.raises(InvalidRequest) as caught:
-        validate_images(messages, POLICY)
-    assert (caught.value.code, caught.value.param) == ("invalid_image", WHERE)
+        typed_request({"model": "m", "messages": messages})
+    assert (caught.value.status, caught.value.param) == (400, param)
 
 
 # -- validate_images: size (413) ---------------------------------------------------------------
@@ -193,7 +199,7 @@ def test_validate_images_refuses_oversize_image_without_decoding(
     monkeypatch.setattr(binascii, "a2b_base64", never)
     payload = "A" * 9_466_668  # 7,100,001 bytes once decoded
     with pytest.raises(PayloadTooLarge) as caught:
-        validate_images(at_where(f"data:image/png;base64,{payload}"), POLICY)
+        validate_images(typed(at_where(f"data:image/png;base64,{payload}")), POLICY)
     error = caught.value
     assert (error.status, error.code, error.param) == (413, "image_too_large", WHERE)
     assert error.message == (
@@ -201,16 +207,16 @@ def test_validate_images_refuses_oversize_image_without_decoding(
     )
     # Padding counts at most two characters, so a payload of "=" cannot pass as tiny.
     with pytest.raises(PayloadTooLarge):
-        validate_images(at_where("data:image/png;base64," + "=" * 9_466_668), POLICY)
+        validate_images(typed(at_where("data:image/png;base64," + "=" * 9_466_668)), POLICY)
 
 
 def test_validate_images_size_counts_padding() -> None:
     # 10 bytes -> 16 base64 characters with "==": exactly at a 10-byte limit, so accepted.
     data = PNG[:8] + b"\x00\x00"
     assert len(data) == 10
-    assert validate_images([user(image(data_url("image/png", data)))], ImagePolicy(10)) == 10
+    assert validate_images(typed([user(image(data_url("image/png", data)))]), ImagePolicy(10)) == 10
     with pytest.raises(PayloadTooLarge) as caught:
-        validate_images([user(image(data_url("image/png", data)))], ImagePolicy(9))
+        validate_images(typed([user(image(data_url("image/png", data)))]), ImagePolicy(9))
     # Both round to 0.0 MB, so the message falls back to exact bytes.
     assert "image is 10 bytes, larger than the 9 bytes limit" in caught.value.message
 
@@ -233,10 +239,10 @@ def test_validate_images_refuses_total_over_limit_before_decoding_the_last(
         {"role": "assistant", "content": "ok"},
         user(image(data_url("image/jpeg", second))),
     ]
-    assert validate_images(messages[:1], ImagePolicy(30)) == 20
+    assert validate_images(typed(messages[:1]), ImagePolicy(30)) == 20
     decoded.clear()
     with pytest.raises(PayloadTooLarge) as caught:
-        validate_images(messages, ImagePolicy(30))
+        validate_images(typed(messages), ImagePolicy(30))
     error = caught.value
     assert (error.status, error.code, error.param) == (
         413,
@@ -260,17 +266,17 @@ def test_validate_images_refuses_total_over_limit_before_decoding_the_last(
     ],
 )
 def test_validate_images_passes_remote_url_when_allowed(part: dict[str, Any]) -> None:
-    messages = [user("look", part)]
-    before = copy.deepcopy(messages)
+    messages = typed([user("look", part)])
+    before = plain(messages)
     policy = ImagePolicy(max_image_bytes=10, allow_remote_urls=True)
     assert validate_images(messages, policy) == 0  # never fetched, so never counted
-    assert messages == before
+    assert plain(messages) == before
 
 
 def test_validate_images_counts_only_inline_images_next_to_remote() -> None:
     messages = [user(image("https://example.com/cat.png"), PICTURE_A)]
     policy = ImagePolicy(max_image_bytes=6_000_000, allow_remote_urls=True)
-    assert validate_images(messages, policy) == len(PNG)
+    assert validate_images(typed(messages), policy) == len(PNG)
 
 
 # -- require_vision --------------------------------------------------------------------------
@@ -279,7 +285,7 @@ def test_validate_images_counts_only_inline_images_next_to_remote() -> None:
 def test_require_vision_refuses_images_for_model_without_vision() -> None:
     messages = [SYSTEM, user("hello"), user("look", PICTURE_A)]
     with pytest.raises(CapabilityError) as caught:
-        require_vision(messages, "tiny-text", supports_vision=False)
+        require_vision(typed(messages), "tiny-text", supports_vision=False)
     error = caught.value
     assert (error.status, error.type, error.code) == (400, "capability_error", "model_lacks_vision")
     assert error.param == "messages[2].content[1]"
@@ -297,7 +303,7 @@ def test_require_vision_refuses_images_for_model_without_vision() -> None:
 def test_require_vision_allows(
     messages: list[dict[str, Any]], supports_vision: bool | None
 ) -> None:
-    require_vision(messages, "m", supports_vision)  # no error
+    require_vision(typed(messages), "m", supports_vision)  # no error
 
 
 # -- truncate_for_vision -----------------------------------------------------------------------
@@ -323,6 +329,17 @@ def _tool_pairs_whole(messages: list[dict[str, Any]]) -> bool:
     return calls == answers
 
 
+def truncated(
+    messages: list[dict[str, Any]], *, keep_system: bool = True, keep_last_n_turns: int = 0
+) -> list[dict[str, Any]]:
+    """truncate_for_vision on the typed messages, as plain data again."""
+    return plain(
+        truncate_for_vision(
+            typed(messages), keep_system=keep_system, keep_last_n_turns=keep_last_n_turns
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("keep_system", "n", "kept"),
     [
@@ -335,17 +352,19 @@ def _tool_pairs_whole(messages: list[dict[str, Any]]) -> bool:
     ],
 )
 def test_truncate_keeps_system_and_last_turns(keep_system: bool, n: int, kept: list[int]) -> None:
-    before = copy.deepcopy(HISTORY)
-    result = truncate_for_vision(HISTORY, keep_system=keep_system, keep_last_n_turns=n)
-    assert result == [HISTORY[i] for i in kept]
-    assert all(result[k] is HISTORY[i] for k, i in enumerate(kept))
-    assert _tool_pairs_whole(result)
-    assert before == HISTORY
+    history = typed(HISTORY)
+    before = plain(history)
+    result = truncate_for_vision(history, keep_system=keep_system, keep_last_n_turns=n)
+    assert plain(result) == [HISTORY[i] for i in kept]
+    assert all(result[k] is history[i] for k, i in enumerate(kept))
+    assert _tool_pairs_whole(plain(result))
+    assert plain(history) == before
 
 
 @pytest.mark.parametrize("n", [2, 3, 50])
 def test_truncate_returns_same_list_when_everything_is_kept(n: int) -> None:
-    assert truncate_for_vision(HISTORY, keep_system=True, keep_last_n_turns=n) is HISTORY
+    history = typed(HISTORY)
+    assert truncate_for_vision(history, keep_system=True, keep_last_n_turns=n) is history
 
 
 def test_truncate_keeps_current_turn_when_last_message_is_tool_result() -> None:
@@ -357,25 +376,22 @@ def test_truncate_keeps_current_turn_when_last_message_is_tool_result() -> None:
         CALL,
         RESULT,
     ]
-    result = truncate_for_vision(messages, keep_system=True, keep_last_n_turns=0)
+    result = truncated(messages)
     assert result == [SYSTEM, messages[3], CALL, RESULT]
     assert _tool_pairs_whole(result)
 
 
 def test_truncate_drops_whole_turn_with_tool_pair() -> None:
     messages = [user("weather?"), CALL, RESULT, user("and this?", PICTURE_B)]
-    result = truncate_for_vision(messages, keep_system=True, keep_last_n_turns=0)
-    assert result == [messages[3]]
+    assert truncated(messages) == [messages[3]]
 
 
 def test_truncate_counts_a_greeting_before_the_first_user_message_as_a_turn() -> None:
     greeting = {"role": "assistant", "content": "How can I help?"}
     messages = [SYSTEM, greeting, user("look", PICTURE_A)]
-    assert truncate_for_vision(messages, keep_system=True, keep_last_n_turns=1) is messages
-    assert truncate_for_vision(messages, keep_system=True, keep_last_n_turns=0) == [
-        SYSTEM,
-        messages[2],
-    ]
+    kept = typed(messages)
+    assert truncate_for_vision(kept, keep_system=True, keep_last_n_turns=1) is kept
+    assert truncated(messages) == [SYSTEM, messages[2]]
 
 
 @pytest.mark.parametrize(
@@ -386,19 +402,21 @@ def test_truncate_counts_a_greeting_before_the_first_user_message_as_a_turn() ->
     ],
 )
 def test_truncate_carries_dropped_image_into_text_follow_up(follow_up: dict[str, Any]) -> None:
-    messages = [
-        SYSTEM,
-        user("look at this", PICTURE_A),
-        {"role": "assistant", "content": "A cat on a sofa."},
-        follow_up,
-    ]
-    before = copy.deepcopy(messages)
+    messages = typed(
+        [
+            SYSTEM,
+            user("look at this", PICTURE_A),
+            {"role": "assistant", "content": "A cat on a sofa."},
+            follow_up,
+        ]
+    )
+    before = plain(messages)
     result = truncate_for_vision(messages, keep_system=True, keep_last_n_turns=0)
     follow_parts = follow_up["content"]
     if isinstance(follow_parts, str):
         follow_parts = [text(follow_parts)]
-    assert result == [SYSTEM, {"role": "user", "content": [PICTURE_A, *follow_parts]}]
-    assert messages == before
+    assert plain(result) == [SYSTEM, {"role": "user", "content": [PICTURE_A, *follow_parts]}]
+    assert plain(messages) == before
 
 
 def test_truncate_carries_only_the_latest_dropped_images() -> None:
@@ -409,32 +427,37 @@ def test_truncate_carries_only_the_latest_dropped_images() -> None:
         {"role": "assistant", "content": "b"},
         user("compare the two"),
     ]
-    result = truncate_for_vision(messages, keep_system=True, keep_last_n_turns=0)
-    assert result == [{"role": "user", "content": [PICTURE_B, PICTURE_C, text("compare the two")]}]
+    assert truncated(messages) == [
+        {"role": "user", "content": [PICTURE_B, PICTURE_C, text("compare the two")]}
+    ]
 
 
 def test_truncate_does_not_carry_when_latest_image_turn_is_kept() -> None:
-    messages = [
-        user("first", PICTURE_A),
-        {"role": "assistant", "content": "a"},
-        user("second", PICTURE_B),
-        {"role": "assistant", "content": "b"},
-        user("and now?"),
-    ]
+    messages = typed(
+        [
+            user("first", PICTURE_A),
+            {"role": "assistant", "content": "a"},
+            user("second", PICTURE_B),
+            {"role": "assistant", "content": "b"},
+            user("and now?"),
+        ]
+    )
     result = truncate_for_vision(messages, keep_system=True, keep_last_n_turns=1)
     assert result == messages[2:]
     assert result[-1] is messages[-1]
 
 
 def test_truncate_does_not_carry_when_current_message_has_its_own_image() -> None:
-    messages = [
-        SYSTEM,
-        user("old", PICTURE_A),
-        {"role": "assistant", "content": "a"},
-        user("new one", PICTURE_B),
-    ]
+    messages = typed(
+        [
+            SYSTEM,
+            user("old", PICTURE_A),
+            {"role": "assistant", "content": "a"},
+            user("new one", PICTURE_B),
+        ]
+    )
     result = truncate_for_vision(messages, keep_system=True, keep_last_n_turns=0)
-    assert result == [SYSTEM, messages[3]]
+    assert result == [messages[0], messages[3]]
     assert result[1] is messages[3]
 
 
@@ -442,18 +465,12 @@ def test_truncate_does_not_carry_when_current_message_has_its_own_image() -> Non
     "messages",
     [
         [SYSTEM, user("hi"), {"role": "assistant", "content": "hello"}, user("again")],
-        # An image outside user messages cannot be carried: once cut, it is not an image request.
-        [
-            SYSTEM,
-            user("hi"),
-            {"role": "assistant", "content": [text("here"), PICTURE_A]},
-            user("thanks"),
-        ],
-        # No user message to anchor the current turn.
-        [SYSTEM, {"role": "assistant", "content": [PICTURE_A]}],
+        # No user message to anchor the current turn (only user messages carry images).
+        [SYSTEM, {"role": "assistant", "content": "hello"}],
     ],
 )
 def test_truncate_leaves_request_without_usable_image_unchanged(
     messages: list[dict[str, Any]],
 ) -> None:
-    assert truncate_for_vision(messages, keep_system=False, keep_last_n_turns=0) is messages
+    kept = typed(messages)
+    assert truncate_for_vision(kept, keep_system=False, keep_last_n_turns=0) is kept

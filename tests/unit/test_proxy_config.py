@@ -29,6 +29,8 @@ def test_defaults_are_the_runbook_table() -> None:
     assert settings.enable_metrics is False
     assert settings.require_template is True
     assert settings.max_image_bytes == 6_000_000
+    assert settings.max_body_bytes == 50_000_000  # several maximum-size images in base64
+    assert settings.max_body_bytes > 4 / 3 * settings.max_image_bytes * 5
     assert settings.backend_timeout_ms == 120_000
     assert settings.stream_idle_timeout_ms == 60_000
     assert settings.log_path == Path("logs/chat_proxy.jsonl")

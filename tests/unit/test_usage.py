@@ -17,7 +17,6 @@ from imageworks.chat_proxy.usage import (
     count_usage,
     stream_texts,
     tokenizer_for,
-    wants_usage,
 )
 
 pytestmark = pytest.mark.timeout(10)
@@ -52,19 +51,6 @@ def chunk(*choices: dict[str, Any]) -> dict[str, Any]:
 
 def delta(index: int = 0, **fields: Any) -> dict[str, Any]:
     return {"index": index, "delta": fields, "finish_reason": None}
-
-
-@pytest.mark.parametrize(
-    ("options", "expected"),
-    [
-        ({"include_usage": True}, True),
-        ({"include_usage": False}, False),
-        (None, False),
-        ("x", False),
-    ],
-)
-def test_wants_usage_only_when_the_client_asks(options: Any, expected: bool) -> None:
-    assert wants_usage({"stream_options": options}) is expected
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
-from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body
+from imageworks.chat_proxy.openapi import openapi_document
+from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
 from imageworks.chat_proxy.routes import router
 from imageworks.chat_proxy.services import running_services
 from imageworks.config import RegistrySettings
@@ -43,6 +44,8 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
         openapi_url=None,
     )
     app.include_router(router)
+    # FastAPI's own document cannot see what the chat route reads itself: ours is written out.
+    app.state.openapi = json_bytes(openapi_document(app.version))
 
     @app.exception_handler(ProxyError)
     async def proxy_error(_: Request, exc: ProxyError) -> JSONResponse:

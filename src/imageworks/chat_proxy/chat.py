@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from imageworks.backends.base import BackendBusy, BackendNotReady, Target
+from imageworks.backends.base import BackendBusy, BackendNotReady, Dialect, Target
 from imageworks.backends.router import BackendRouter
 from imageworks.backends.templates import TemplateCheck, check_chat_template
 from imageworks.chat_proxy.catalog import Catalog
@@ -46,11 +46,17 @@ from imageworks.chat_proxy.protocol import (
     QueueTimeout,
     StreamTruncated,
     json_bytes,
-    parse_chat_request,
     sse_event,
 )
+from imageworks.chat_proxy.requests import (
+    RESPONSE_FORMAT,
+    ChatCompletionRequest,
+    as_json_data,
+    parse_chat_request,
+    replace,
+)
 from imageworks.chat_proxy.sse import ClientGone, Reply, TaskResponse, shielded
-from imageworks.chat_proxy.usage import StreamUsage, tokenizer_for, wants_usage
+from imageworks.chat_proxy.usage import StreamUsage, tokenizer_for
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.naming import display_name
 from imageworks.registry.schema import RegistryEntry
@@ -62,6 +68,8 @@ _DONE_EVENTS = (b"data: [DONE]", b"data:[DONE]")
 # Backends whose servers render the chat template themselves from the weights (Ollama embeds
 # it in its model files; external servers are someone else's business).
 TEMPLATED_BACKENDS = frozenset({"vllm", "llamacpp"})
+# Bodies larger than this are parsed in a thread, so the event loop keeps serving meanwhile.
+_PARSE_IN_THREAD_BYTES = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +110,14 @@ class ChatService:
         """The response for a `/v1/chat/completions` body; the request runs when it is sent."""
         return TaskResponse(lambda reply: self._serve(raw_body, reply))
 
+    def refused(self, error: ProxyError) -> None:
+        """Record a request refused before it could be read (its body was too large)."""
+        exchange = Exchange()
+        exchange.end(error.status, "error", error.message)
+        record = exchange.record(self._log_prompts)
+        self._log.write(record)
+        self._metrics.request_finished(record)
+
     async def activate(self, model: str) -> None:
         """Make `model`'s backend ready without a request (the admin endpoint); ProxyErrors."""
         entry, _ = await self._resolve(model)
@@ -128,11 +144,15 @@ class ChatService:
             self._metrics.request_finished(record)
 
     async def _answer(self, exchange: Exchange, raw_body: bytes, reply: Reply) -> None:
-        body = parse_chat_request(raw_body)
-        exchange.model_requested = body["model"]
-        exchange.stream = bool(body.get("stream"))
-        exchange.prompt = body.get("messages")
-        entry, registry_dir = await self._resolve(body["model"])
+        if len(raw_body) > _PARSE_IN_THREAD_BYTES:
+            body = await asyncio.to_thread(parse_chat_request, raw_body)
+        else:
+            body = parse_chat_request(raw_body)
+        exchange.model_requested = body.model
+        exchange.stream = bool(body.stream)
+        if self._log_prompts:
+            exchange.prompt = [as_json_data(message) for message in body.messages]
+        entry, registry_dir = await self._resolve(body.model)
         exchange.entry = entry
         self._metrics.request_started(entry.name)  # request_finished takes it back
         body = await self._prepare(body, entry, registry_dir)
@@ -166,14 +186,14 @@ class ChatService:
         self,
         exchange: Exchange,
         entry: RegistryEntry,
-        body: dict[str, Any],
+        body: ChatCompletionRequest,
         target: Target,
         reply: Reply,
     ) -> None:
-        body = structured_for(body, target.dialect)  # the server's form of response_format
+        body = _in_dialect(body, target.dialect)  # the server's form of response_format
         native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
         num_ctx = ollama_num_ctx(entry)
-        requested = body["model"] if self._rules.requested_model_in_answers else None
+        requested = body.model if self._rules.requested_model_in_answers else None
         if not exchange.stream:
             if native_ollama:
                 completion = await self._forwarder.complete_ollama(target, body, num_ctx)
@@ -194,14 +214,17 @@ class ChatService:
         finally:
             await shielded(upstream.aclose())
 
-    def _usage(self, body: dict[str, Any], target: Target) -> StreamUsage | None:
+    def _usage(self, body: ChatCompletionRequest, target: Target) -> StreamUsage | None:
         """How a stream's usage chunk is counted if the backend sends none: for a client that
         asked for one, from a backend that has a tokenizer endpoint."""
-        if not wants_usage(body):
+        options = body.stream_options
+        if options is None or options.include_usage is not True:
             return None
         post = functools.partial(self._forwarder.backend_json, target)
         tokenizer = tokenizer_for(target.dialect, target.model, post)
-        return None if tokenizer is None else StreamUsage(tokenizer, body, target.label)
+        if tokenizer is None:
+            return None
+        return StreamUsage(tokenizer, as_json_data(body), target.label)
 
     async def _send_completion(
         self, exchange: Exchange, completion: Completion, reply: Reply, model: str | None
@@ -271,8 +294,8 @@ class ChatService:
         return self._catalog.resolve(view, model), view.snapshot.directory
 
     async def _prepare(
-        self, body: dict[str, Any], entry: RegistryEntry, registry_dir: Path
-    ) -> dict[str, Any]:
+        self, body: ChatCompletionRequest, entry: RegistryEntry, registry_dir: Path
+    ) -> ChatCompletionRequest:
         """Check and shape the request for the entry (400s come from here)."""
         shown = display_name(entry)
         if self._rules.require_template and entry.backend in TEMPLATED_BACKENDS:
@@ -285,7 +308,7 @@ class ChatService:
                     param="model",
                     code="chat_template_missing",
                 )
-        if has_images(body["messages"]):  # decoding images is CPU work: not on the loop
+        if has_images(body.messages):  # decoding images is CPU work: not on the loop
             return await asyncio.to_thread(prepare_request, body, entry, shown, self._rules.request)
         return prepare_request(body, entry, shown, self._rules.request)
 
@@ -336,6 +359,18 @@ class ChatService:
                 exchange.first_token = time.perf_counter()
             if self._log_prompts and isinstance(content, str):
                 exchange.response_text.append(content)
+
+
+def _in_dialect(request: ChatCompletionRequest, dialect: Dialect) -> ChatCompletionRequest:
+    """`response_format` in the form the server takes (`structured_for` works on JSON data)."""
+    if request.response_format is None:
+        return request
+    current = {"response_format": as_json_data(request.response_format)}
+    shaped = structured_for(current, dialect)
+    if shaped is current:
+        return request
+    response_format = RESPONSE_FORMAT.validate_python(shaped["response_format"])
+    return replace(request, response_format=response_format)
 
 
 def _not_ready(exc: BackendNotReady) -> ProxyError:

@@ -37,6 +37,9 @@ class ProxySettings(BaseSettings):
     # -- requests --------------------------------------------------------------------------------
     require_template: bool = True
     max_image_bytes: int = Field(default=6_000_000, gt=0)
+    # A body beyond this is refused with a 413 while it arrives, the rest never read. The
+    # default holds several maximum-size images (base64 is 4/3 of the decoded size).
+    max_body_bytes: int = Field(default=50_000_000, gt=0)
     backend_timeout_ms: int = Field(default=120_000, gt=0)
     stream_idle_timeout_ms: int = Field(default=60_000, gt=0)
     # A stream still waiting for its model after this long gets its headers and a `: loading`

@@ -31,6 +31,7 @@ from imageworks.chat_proxy.protocol import (
     sse_event,
     upstream_error,
 )
+from imageworks.chat_proxy.requests import ChatCompletionRequest, request_json
 
 _HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
@@ -79,21 +80,21 @@ class Forwarder:
         self._backend_timeout_s = backend_timeout_s
         self._idle_timeout_s = stream_idle_timeout_s
 
-    def _request(self, url: str, payload: dict[str, Any], read_timeout: float) -> httpx.Request:
+    def _request(self, url: str, content: bytes, read_timeout: float) -> httpx.Request:
         return self._client.build_request(
             "POST",
             url,
-            content=json_bytes(payload),
+            content=content,
             timeout=httpx.Timeout(self._backend_timeout_s, read=read_timeout),
         )
 
     def _openai_request(
-        self, target: Target, body: dict[str, Any], read_timeout: float
+        self, target: Target, body: ChatCompletionRequest, read_timeout: float
     ) -> httpx.Request:
-        payload = {**body, "model": target.model}
-        return self._request(f"{target.base_url}/chat/completions", payload, read_timeout)
+        content = request_json(body, model=target.model)
+        return self._request(f"{target.base_url}/chat/completions", content, read_timeout)
 
-    async def complete(self, target: Target, body: dict[str, Any]) -> Completion:
+    async def complete(self, target: Target, body: ChatCompletionRequest) -> Completion:
         """POST and wait for the whole answer, within the backend timeout."""
         request = self._openai_request(target, body, self._backend_timeout_s)
         return await self._complete(target, request)
@@ -105,7 +106,8 @@ class Forwarder:
         vLLM have their tokenizer endpoints), and return its JSON object; ProxyErrors."""
         timeout = min(self._backend_timeout_s, _SIDE_CALL_TIMEOUT_S)
         url = target.base_url.removesuffix("/v1") + path
-        answer = await self._complete(target, self._request(url, payload, timeout), timeout)
+        request = self._request(url, json_bytes(payload), timeout)
+        answer = await self._complete(target, request, timeout)
         return answer.parsed
 
     async def _complete(
@@ -135,7 +137,7 @@ class Forwarder:
             )
         return Completion(response.status_code, response.content, parsed)
 
-    async def open_stream(self, target: Target, body: dict[str, Any]) -> UpstreamStream:
+    async def open_stream(self, target: Target, body: ChatCompletionRequest) -> UpstreamStream:
         """Send a streaming request and wait for the backend's headers (errors come before
         the client sees anything, so they keep their HTTP status)."""
         request = self._openai_request(target, body, self._idle_timeout_s)
@@ -160,10 +162,11 @@ class Forwarder:
     # -- Ollama's native /api/chat, for what its /v1 cannot do (images, tool arguments, num_ctx)
 
     async def complete_ollama(
-        self, target: Target, body: dict[str, Any], num_ctx: int | None
+        self, target: Target, body: ChatCompletionRequest, num_ctx: int | None
     ) -> Completion:
         payload = {**to_ollama_chat(body, model=target.model, num_ctx=num_ctx), "stream": False}
-        request = self._request(_ollama_chat_url(target), payload, self._backend_timeout_s)
+        content = json_bytes(payload)
+        request = self._request(_ollama_chat_url(target), content, self._backend_timeout_s)
         native = await self._complete(target, request)
         answer = from_ollama_chat(
             native.parsed, request_model=target.model, completion_id=_completion_id()
@@ -171,13 +174,14 @@ class Forwarder:
         return Completion(native.status, json_bytes(answer), answer)
 
     async def open_ollama_stream(
-        self, target: Target, body: dict[str, Any], num_ctx: int | None
+        self, target: Target, body: ChatCompletionRequest, num_ctx: int | None
     ) -> UpstreamStream:
         payload = {**to_ollama_chat(body, model=target.model, num_ctx=num_ctx), "stream": True}
-        request = self._request(_ollama_chat_url(target), payload, self._idle_timeout_s)
+        content = json_bytes(payload)
+        request = self._request(_ollama_chat_url(target), content, self._idle_timeout_s)
         response = await self._send_stream(target, request)
-        options = body.get("stream_options")
-        wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        options = body.stream_options
+        wants_usage = options is not None and bool(options.include_usage)
         translator = OllamaStreamTranslator(target.model, _completion_id())
         return OllamaUpstreamStream(response, target, self._idle_timeout_s, translator, wants_usage)
 

@@ -4,9 +4,12 @@ Errors, rendered as `{"error": {message, type, param, code}}` by one handler in 
 the chat owner itself (`sse.Reply.fail`: the same body, or an SSE error event once a stream began):
 
     ProxyError                      status, type, message, param, code (, headers)
-    ├── InvalidRequest      400     malformed JSON or a body that is not a chat request
+    ├── InvalidRequest      400     malformed or too deeply nested JSON, a field of the wrong type
+    │   │                           or value (`requests.py`), input the backend rejected
     │   └── CapabilityError 400     the model lacks what the request needs (vision, tools)
     ├── PayloadTooLarge     413     an image (or all of them) beyond CHAT_PROXY_MAX_IMAGE_BYTES
+    │   └── BodyTooLarge    413     a body beyond CHAT_PROXY_MAX_BODY_BYTES (and the connection
+    │                               is closed: the rest is never read)
     ├── ModelNotFound       404     no registry entry answers to `model` (lists close names)
     ├── NotFoundError       404     an endpoint that is switched off
     ├── BackendUnavailable  503     the backend cannot be reached or started (names it)
@@ -22,13 +25,18 @@ This module imports no web framework, HTTP client or process code.
 
 from __future__ import annotations
 
+import ast
+import itertools
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 SSE_DONE = b"data: [DONE]\n\n"
 _ERROR_FIELDS = ("message", "type", "param", "code")
+# Containers nested deeper than this are refused before any parser recurses into them.
+MAX_JSON_DEPTH = 64
 
 
 class ProxyError(Exception):
@@ -61,6 +69,18 @@ class CapabilityError(InvalidRequest):
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
+
+
+class BodyTooLarge(PayloadTooLarge):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The request body is larger than {limit:,} bytes (CHAT_PROXY_MAX_BODY_BYTES).",
+            code="body_too_large",
+        )
+
+    def headers(self) -> dict[str, str]:
+        # The rest of the body is never read, so the connection cannot carry another request.
+        return {"Connection": "close"}
 
 
 class ModelNotFound(ProxyError):
@@ -141,13 +161,17 @@ def error_body(
 def upstream_error(status: int, content: bytes, backend: str) -> ProxyError:
     """Translate a backend's error response. A 4xx keeps its status and, if it has one, its
     OpenAI error object (a context-length error must reach the client as the backend said it);
-    a 5xx is the backend failing, so it becomes a 502 that quotes what the backend said."""
+    a 5xx is the backend failing, so it becomes a 502 that quotes what the backend said, unless
+    it is a backend blaming the request with the wrong status (then it is the client's 400)."""
     try:
         parsed: Any = json.loads(content)
     except (ValueError, UnicodeDecodeError):
         parsed = None
     said = _error_message(parsed) or content[:300].decode("utf-8", "replace").strip()
     if status >= 500:
+        rejected = _rejected_input(said, backend)
+        if rejected is not None:
+            return rejected
         return BadGateway(
             f"backend {backend} failed with HTTP {status}" + (f": {said}" if said else ""),
             code="upstream_error",
@@ -157,6 +181,84 @@ def upstream_error(status: int, content: bytes, backend: str) -> ProxyError:
         return UpstreamError(status, {"error": {**dict.fromkeys(_ERROR_FIELDS), **error}})
     message = said or f"backend {backend} answered HTTP {status}"
     return UpstreamError(status, error_body(message, "upstream_error"))
+
+
+# llama-cpp-python answers a request its pydantic models reject with a 500 whose message is
+# FastAPI's dump of the errors, each with a `'loc': ('body', ...)` (pydantic v1's FastAPI wrote
+# "validation error for Request" and "body -> field"); llama-server (nlohmann::json) says
+# "[json.exception.type_error.302] type must be number, but is string" of a request field.
+# Anything else a backend fails with is its own failure.
+_VALIDATION_DUMP = re.compile(r"\b\d+ validation errors?\b")
+_BODY_ERROR = re.compile(
+    r"'loc': \('body',?\s*(?P<loc>[^)]*)\),\s*'msg': (?:'(?P<a>[^']*)'|\"(?P<b>[^\"]*)\")"
+)
+_BODY_ERROR_V1 = re.compile(r"for Request\s+body -> (?P<loc>[^\n]+)\n\s*(?P<a>[^\n(]+)")
+_JSON_TYPE_ERROR = re.compile(
+    r"(?:Field '(?P<loc>[\w.]+)': )?(?P<error>\[json\.exception\.type_error\.\d+\])"
+)
+_FIELD = re.compile(r"[a-z_][a-z0-9_]*")
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _rejected_input(said: str, backend: str) -> InvalidRequest | None:
+    """The 400 for a 5xx in which the backend says the request was invalid, else None."""
+    found = _request_validation_error(said) or _json_type_error(said)
+    if found is None:
+        return None
+    detail, loc = found
+    return InvalidRequest(
+        f"Backend {backend} rejected the request: {detail.strip()}",
+        param=_backend_param(loc),
+        code="backend_rejected_request",
+    )
+
+
+def _request_validation_error(said: str) -> tuple[str, list[Any]] | None:
+    """The first error (message, location) of a FastAPI dump about the request body."""
+    if _VALIDATION_DUMP.search(said) is None:
+        return None
+    found = _BODY_ERROR.search(said) or _BODY_ERROR_V1.search(said)
+    if found is None:
+        return None
+    return found["a"] or found.groupdict().get("b") or "", _loc_parts(found["loc"])
+
+
+def _json_type_error(said: str) -> tuple[str, list[Any]] | None:
+    found = _JSON_TYPE_ERROR.search(said)
+    if found is None:
+        return None
+    detail = said[found.start("error") :].split("\n", 1)[0]
+    return detail, found["loc"].split(".") if found["loc"] else []
+
+
+def _loc_parts(text: str) -> list[Any]:
+    """`'messages', 1, 'role'` (a tuple's inside) or `messages -> 1 -> role` as a list."""
+    if len(text) > 500:
+        return []
+    if "'" not in text and '"' not in text:
+        return [int(p) if p.strip().isdigit() else p.strip() for p in text.split("->")]
+    try:
+        parsed = ast.literal_eval(f"({text},)")
+    except (ValueError, SyntaxError, RecursionError, MemoryError):
+        return []
+    return list(parsed) if isinstance(parsed, tuple) else []
+
+
+def _backend_param(loc: list[Any]) -> str | None:
+    """The field a backend's error location names, as OpenAI writes it. Message indices are
+    not the client's (the proxy may have added a system prompt or dropped turns), and union
+    labels such as `str` or `ChatCompletionRequestUserMessage` are not fields: both end it."""
+    if not loc or loc[0] == "messages":
+        return "messages" if loc else None
+    text = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            text += f"[{part}]"
+        elif isinstance(part, str) and _FIELD.fullmatch(part) and part not in _TYPE_LABELS:
+            text += f".{part}" if text else part
+        else:
+            break
+    return text or None
 
 
 def _error_message(parsed: Any) -> str | None:
@@ -187,31 +289,28 @@ def sse_error(error: ProxyError) -> bytes:
     return sse_event(error.body())
 
 
-def parse_chat_request(raw: bytes) -> dict[str, Any]:
-    """The request body as a dict, with the fields the proxy relies on checked.
+# A JSON string: a valid document's strings are exactly the leftmost matches of this, in order.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_STEPS = bytes.maketrans(b"[{]}", bytes([1, 1, 255, 255]))  # +1 and -1 as signed bytes
 
-    Only what the proxy needs is checked; everything else is the backend's to judge, and every
-    field (known or not) is forwarded."""
-    try:
-        body: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(
-            f"The request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest("'model' is required and must be a non-empty string.", param="model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty array.", param="messages")
-    for position, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise InvalidRequest(
-                f"messages[{position}] must be an object with a string 'role'.",
-                param=f"messages[{position}]",
-            )
-    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
-        raise InvalidRequest("'stream' must be a boolean.", param="stream")
-    return body
+
+def json_shape_problem(raw: bytes, max_depth: int) -> str | None:
+    """Why `raw` must not reach a JSON parser, or None: containers nested deeper than
+    `max_depth` (parsers recurse once per level; CPython's json raises RecursionError at a few
+    thousand), or NaN/Infinity, which Python's parsers accept but JSON does not have.
+
+    Only what lies outside strings counts, so the strings are cut out first. Then the depth at
+    each point is the number of brackets opened so far minus those closed, and the deepest a
+    parser can go is its maximum (for a document that is not valid JSON, at least as deep as a
+    parser gets before it fails). Linear, and in C but for the final sum."""
+    outside = _JSON_STRING.sub(b"", raw)
+    if b"NaN" in outside or b"Infinity" in outside:
+        return "NaN and Infinity are not JSON numbers"
+    brackets = outside.translate(None, delete=_NOT_BRACKETS)
+    if brackets.count(b"[") + brackets.count(b"{") <= max_depth:
+        return None  # the usual request: too few containers to be that deep
+    steps = memoryview(brackets.translate(_STEPS)).cast("b")
+    if max(itertools.accumulate(steps)) > max_depth:
+        return f"it is nested deeper than {max_depth} levels"
+    return None

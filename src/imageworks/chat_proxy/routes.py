@@ -13,10 +13,13 @@ from starlette.responses import JSONResponse, Response
 
 from imageworks.backends.base import BackendNotReady
 from imageworks.chat_proxy.protocol import (
+    MAX_JSON_DEPTH,
     BackendUnavailable,
+    BodyTooLarge,
     InvalidRequest,
     NotFoundError,
     ProxyError,
+    json_shape_problem,
 )
 from imageworks.chat_proxy.services import Services
 
@@ -26,6 +29,23 @@ router = APIRouter(prefix="/v1")
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, read from the ASGI stream and counted as it arrives: beyond `limit` bytes it
+    is a 413 at once (a Content-Length over it before a byte is read), and the rest is never
+    read (the 413 closes the connection; uvicorn stops reading a socket whose buffer is full)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @router.get("/health")
@@ -55,8 +75,14 @@ async def model(request: Request, model_id: str) -> Response:
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
+    services = _services(request)
+    try:
+        body = await _read_body(request, services.settings.max_body_bytes)
+    except BodyTooLarge as error:
+        services.chat.refused(error)
+        raise
     # The response runs the whole request, and stops it the moment the client goes away.
-    return _services(request).chat.handle(await request.body())
+    return services.chat.handle(body)
 
 
 @router.get("/metrics")
@@ -69,6 +95,12 @@ async def metrics(request: Request) -> Response:
         )
         return JSONResponse(error.body(), status_code=error.status)
     return JSONResponse({**services.metrics.snapshot(), "slot": services.slot.status()})
+
+
+@router.get("/openapi.json")
+async def openapi(request: Request) -> Response:
+    document: bytes = request.app.state.openapi
+    return Response(document, media_type="application/json")
 
 
 # -- admin: the GPU slot, for `imageworks-loader activate-model/current-model` -----------------
@@ -92,8 +124,9 @@ async def admin_status(request: Request) -> dict[str, Any]:
 async def admin_activate(request: Request) -> Response:
     """Load a model now (as a request for it would), and answer once it is ready."""
     services = _services(request)
+    raw = await _read_body(request, services.settings.max_body_bytes) or b"{}"
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = None if json_shape_problem(raw, MAX_JSON_DEPTH) else json.loads(raw)
     except ValueError:
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):

@@ -48,11 +48,6 @@ class UncountableUsage(Exception):
     """A tokenizer endpoint answered something that is not a count."""
 
 
-def wants_usage(body: JsonDict) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
 class Tokenizer(Protocol):
     async def prompt_tokens(self, body: JsonDict) -> int:
         """Tokens of the request's prompt, chat template applied."""

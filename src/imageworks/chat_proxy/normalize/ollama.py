@@ -15,6 +15,18 @@ from typing import Any
 
 from imageworks.chat_proxy.normalize.structured import ollama_format
 from imageworks.chat_proxy.protocol import BadGateway, InvalidRequest
+from imageworks.chat_proxy.requests import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    FunctionMessage,
+    ImageURLPart,
+    Message,
+    RefusalPart,
+    TextPart,
+    ToolCall,
+    ToolMessage,
+    as_json_data,
+)
 
 # OpenAI request fields that Ollama's `options` take under the same name, copied when set.
 _OPTIONS = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty")
@@ -22,91 +34,91 @@ _OPTIONS = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "prese
 _OLLAMA_EXTRAS = ("keep_alive", "think")
 
 
-def to_ollama_chat(body: dict[str, Any], *, model: str, num_ctx: int | None) -> dict[str, Any]:
+def to_ollama_chat(
+    request: ChatCompletionRequest, *, model: str, num_ctx: int | None
+) -> dict[str, Any]:
     """The `/api/chat` body for an OpenAI chat request, to be sent to `model`."""
-    options: dict[str, Any] = dict(body["options"]) if isinstance(body.get("options"), dict) else {}
-    options.update({name: body[name] for name in _OPTIONS if body.get(name) is not None})
-    stop = body.get("stop")
+    extras = request.model_extra or {}
+    given = extras.get("options")
+    options: dict[str, Any] = dict(given) if isinstance(given, dict) else {}
+    options.update({name: value for name in _OPTIONS if (value := request.value(name)) is not None})
+    stop = request.stop
     if stop is not None:
         options["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    limit = body.get("max_completion_tokens")
-    limit = body.get("max_tokens") if limit is None else limit
+    limit = request.max_completion_tokens
+    limit = request.max_tokens if limit is None else limit
     if limit is not None:
         options["num_predict"] = limit
     if num_ctx is not None:
         options["num_ctx"] = num_ctx
     out: dict[str, Any] = {
         "model": model,
-        "messages": _messages(body["messages"]),
-        "stream": bool(body.get("stream")),
+        "messages": _messages(request.messages),
+        "stream": bool(request.stream),
         "options": options,
     }
     # Ollama has no tool_choice; "none" is honoured by not offering the tools at all.
-    if body.get("tools") and body.get("tool_choice") != "none":
-        out["tools"] = body["tools"]
-    format_ = ollama_format(body.get("response_format"))
+    if request.tools and request.tool_choice != "none":
+        out["tools"] = [as_json_data(tool) for tool in request.tools]
+    response_format = request.response_format
+    format_ = ollama_format(as_json_data(response_format)) if response_format else None
     if format_ is not None:
         out["format"] = format_
-    out.update({key: body[key] for key in _OLLAMA_EXTRAS if key in body})
+    out.update({key: extras[key] for key in _OLLAMA_EXTRAS if key in extras})
     return out
 
 
-def _messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
     tool_names: dict[str, str] = {}  # tool_call_id -> function name, for the tool results
     out: list[dict[str, Any]] = []
     for position, message in enumerate(messages):
-        role = message["role"]
-        text, images = _content(message.get("content"), position)
-        # Ollama knows system/user/assistant/tool; `developer` is OpenAI's new name for system.
-        converted: dict[str, Any] = {
-            "role": "system" if role == "developer" else role,
-            "content": text,
-        }
+        text, images = _content(message.content, position)
+        # Ollama knows system/user/assistant/tool: `developer` is OpenAI's new name for system,
+        # and the legacy `function` role is a tool result.
+        role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
+        converted: dict[str, Any] = {"role": role, "content": text}
         if images:
             converted["images"] = images
-        calls = message.get("tool_calls")
-        if role == "assistant" and isinstance(calls, list) and calls:
-            converted["tool_calls"] = [_ollama_tool_call(call, position) for call in calls]
-            for call in calls:  # each one checked above: a dict with a `function` dict
-                if isinstance(call.get("id"), str):
-                    tool_names[call["id"]] = call["function"].get("name", "")
-        if role == "tool":
-            name = message.get("name") or tool_names.get(message.get("tool_call_id", ""))
-            if name:
-                converted["tool_name"] = name
+        if isinstance(message, AssistantMessage) and message.tool_calls:
+            converted["tool_calls"] = [_ollama_tool_call(call) for call in message.tool_calls]
+            tool_names.update((call.id, call.function.name) for call in message.tool_calls)
+        name: Any = None
+        if isinstance(message, ToolMessage):
+            name = (message.model_extra or {}).get("name") or tool_names.get(message.tool_call_id)
+        elif isinstance(message, FunctionMessage):
+            name = message.name
+        if isinstance(name, str) and name:
+            converted["tool_name"] = name
         out.append(converted)
     return out
 
 
-def _content(content: Any, position: int) -> tuple[str, list[str]]:
+def _content(content: str | list[Any] | None, position: int) -> tuple[str, list[str]]:
     """The text and the raw base64 images of one message's content."""
     if content is None:
         return "", []
     if isinstance(content, str):
         return content, []
     param = f"messages[{position}].content"
-    if not isinstance(content, list):
-        raise InvalidRequest("message content must be a string or an array of parts", param=param)
     texts: list[str] = []
     images: list[str] = []
     for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            texts.append(str(part.get("text", "")))
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            images.append(_inline_image(url, param))
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif isinstance(part, RefusalPart):  # what an assistant said, all the same
+            texts.append(part.refusal)
+        elif isinstance(part, ImageURLPart):
+            images.append(_inline_image(part.url, param))
         else:
             raise InvalidRequest(
-                f"Ollama does not take content parts of type {kind!r}", param=param
+                f"Ollama does not take content parts of type {part.type!r}", param=param
             )
     return "\n".join(texts), images
 
 
-def _inline_image(url: Any, param: str) -> str:
+def _inline_image(url: str, param: str) -> str:
     # The proxy does not fetch URLs on a client's behalf (the old path did: SSRF, unbounded size).
-    prefix, comma, payload = url.partition(",") if isinstance(url, str) else ("", "", "")
+    prefix, comma, payload = url.partition(",")
     if not (prefix.startswith("data:") and prefix.endswith(";base64") and comma):
         raise InvalidRequest(
             "Ollama needs images inline, as base64 data URLs (data:image/...;base64,...); "
@@ -116,20 +128,14 @@ def _inline_image(url: Any, param: str) -> str:
     return payload
 
 
-def _ollama_tool_call(call: Any, position: int) -> dict[str, Any]:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict):
-        raise InvalidRequest(
-            "each tool call needs a 'function' object", param=f"messages[{position}].tool_calls"
-        )
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            parsed: Any = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            parsed = arguments  # not JSON: Ollama will say so, with the text the model wrote
-        arguments = parsed if isinstance(parsed, dict) else arguments
-    return {"function": {"name": function.get("name", ""), "arguments": arguments}}
+def _ollama_tool_call(call: ToolCall) -> dict[str, Any]:
+    arguments: Any = call.function.arguments
+    try:
+        parsed: Any = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:
+        parsed = arguments  # not JSON: Ollama will say so, with the text the model wrote
+    arguments = parsed if isinstance(parsed, dict) else arguments
+    return {"function": {"name": call.function.name, "arguments": arguments}}
 
 
 def from_ollama_chat(

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from imageworks.chat_proxy.normalize.request import wants_tools
 from imageworks.chat_proxy.normalize.structured import wants_structured_output
 from imageworks.chat_proxy.normalize.vision import has_images
+from imageworks.chat_proxy.requests import ChatCompletionRequest
 from imageworks.registry.schema import RegistryEntry
 
 
@@ -23,14 +22,14 @@ def ollama_num_ctx(entry: RegistryEntry) -> int | None:
     return entry.generation_defaults.context_window
 
 
-def needs_native_ollama(body: dict[str, Any], entry: RegistryEntry) -> bool:
+def needs_native_ollama(request: ChatCompletionRequest, entry: RegistryEntry) -> bool:
     """Ollama's `/v1` drops what these need: inline images as raw base64, tool calls with
     object arguments, and `num_ctx`; structured output goes where Ollama takes it, as `format`
     (its `/v1` ignores a `response_format` it does not know). Everything else takes the OpenAI
     path unchanged."""
     return (
-        has_images(body["messages"])
-        or wants_tools(body)
-        or wants_structured_output(body)
+        has_images(request.messages)
+        or wants_tools(request)
+        or wants_structured_output(request.response_format)
         or ollama_num_ctx(entry) is not None
     )

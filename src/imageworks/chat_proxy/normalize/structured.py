@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from imageworks.backends.base import Dialect
+from imageworks.chat_proxy.requests import as_json_data
 
 JsonDict = dict[str, Any]
 ANY_JSON = "json"  # JSON without a schema
@@ -39,8 +42,9 @@ def requested_json(response_format: Any) -> JsonDict | str | None:
     return None
 
 
-def wants_structured_output(body: JsonDict) -> bool:
-    return requested_json(body.get("response_format")) is not None
+def wants_structured_output(response_format: BaseModel | None) -> bool:
+    """A request's (typed) `response_format` asks for JSON."""
+    return response_format is not None and requested_json(as_json_data(response_format)) is not None
 
 
 def structured_for(body: JsonDict, dialect: Dialect) -> JsonDict:

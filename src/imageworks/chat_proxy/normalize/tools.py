@@ -8,7 +8,8 @@ Nothing is guessed: assistant text stays as it is even when it looks like JSON (
 answer, not a tool call), and arguments are serialized with `json.dumps`, never `str()`.
 
 Every function returns its input itself when nothing needs changing (the proxy's common case) and
-copies what it changes, so the input is never mutated.
+copies what it changes, so the input is never mutated. Responses are JSON data (dicts) as the
+backend sent them; requests are the typed `ChatCompletionRequest`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from imageworks.chat_proxy.requests import (
+    ChatCompletionRequest,
+    FunctionName,
+    NamedToolChoice,
+    Tool,
+    replace,
+)
+
 JsonDict = dict[str, Any]
 IdFactory = Callable[[], str]
 
 # A JSON key or string value spelled exactly so: its opening quote is not an escaped one (`\"`).
 _TOOL_KEY = re.compile(rb'(?<!\\)"(?:tool_calls|function_call)"')
-_LEGACY_REQUEST_KEYS = ("functions", "function_call")
+_LEGACY_REQUEST_KEYS = frozenset({"functions", "function_call"})
 
 
 def new_call_id() -> str:
@@ -124,32 +133,33 @@ def _whole_call(call: Any, new_id: IdFactory) -> Any:
 # ---------------------------------------------------------------- requests
 
 
-def normalize_tool_request(body: JsonDict) -> JsonDict:
+def normalize_tool_request(request: ChatCompletionRequest) -> ChatCompletionRequest:
     """A chat request with legacy `functions` turned into `tools`, and no empty tool list.
 
     Several backends reject `tools: []`, and a `tool_choice` or `parallel_tool_calls` without tools.
     """
-    result = body
-    if "functions" in body or "function_call" in body:
-        result = _from_legacy_request(body)
-    if "tools" in result and result["tools"] in (None, []):
-        unwanted = ("tools", "tool_choice", "parallel_tool_calls")
-        result = {key: value for key, value in result.items() if key not in unwanted}
+    result = request
+    if not _LEGACY_REQUEST_KEYS.isdisjoint(request.model_fields_set):
+        result = _from_legacy_request(request)
+    if "tools" in result.model_fields_set and not result.tools:
+        result = replace(result, drop=("tools", "tool_choice", "parallel_tool_calls"))
     return result
 
 
-def _from_legacy_request(body: JsonDict) -> JsonDict:
-    result = {key: value for key, value in body.items() if key not in _LEGACY_REQUEST_KEYS}
-    functions = body.get("functions")
-    if (isinstance(body.get("tools"), list) and body["tools"]) or not isinstance(functions, list):
-        return result  # modern keys win; a `function_call` without functions means nothing
-    result["tools"] = [{"type": "function", "function": function} for function in functions]
-    choice = body.get("function_call")
-    if choice is not None and "tool_choice" not in body:
-        if isinstance(choice, dict) and "name" in choice:
-            choice = {"type": "function", "function": {"name": choice["name"]}}
-        result["tool_choice"] = choice  # "auto" and "none" mean the same in both APIs
-    return result
+def _from_legacy_request(request: ChatCompletionRequest) -> ChatCompletionRequest:
+    functions = request.functions
+    if request.tools or not functions:
+        return replace(request, drop=_LEGACY_REQUEST_KEYS)  # modern keys win
+    changes: JsonDict = {"tools": [Tool(type="function", function=f) for f in functions]}
+    choice = request.function_call
+    if choice is not None and "tool_choice" not in request.model_fields_set:
+        # "auto" and "none" mean the same in both APIs.
+        changes["tool_choice"] = (
+            choice
+            if isinstance(choice, str)
+            else NamedToolChoice(type="function", function=FunctionName(name=choice.name))
+        )
+    return replace(request, drop=_LEGACY_REQUEST_KEYS, **changes)
 
 
 # ---------------------------------------------------------------- streams

@@ -3,6 +3,7 @@ history truncation applied to image requests.
 
 Only inline `data:` images are inspected; remote `http(s)` URLs are passed through when allowed
 and never fetched here (the proxy must not become a URL fetcher, and it cannot know their size).
+Messages are the typed ones of `requests.py`, so every image part already has a string URL.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import binascii
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from imageworks.chat_proxy.protocol import CapabilityError, InvalidRequest, PayloadTooLarge
+from imageworks.chat_proxy.requests import ImageURLPart, Message, TextPart, UserMessage, replace
 
 _SYSTEM_ROLES = ("system", "developer")
 _LIMIT_SETTING = "CHAT_PROXY_MAX_IMAGE_BYTES"
@@ -33,12 +34,12 @@ class ImagePolicy:
     allow_remote_urls: bool = False
 
 
-def has_images(messages: list[dict[str, Any]]) -> bool:
+def has_images(messages: list[Message]) -> bool:
     """Whether any message has an `image_url` part. Nothing is decoded."""
     return any(True for _ in _image_parts(messages))
 
 
-def validate_images(messages: list[dict[str, Any]], policy: ImagePolicy) -> int:
+def validate_images(messages: list[Message], policy: ImagePolicy) -> int:
     """Check every image part and return the total decoded size of the inline ones.
 
     Sizes come from the base64 length, so an image over the limit (alone or with the ones before
@@ -46,8 +47,8 @@ def validate_images(messages: list[dict[str, Any]], policy: ImagePolicy) -> int:
     their content."""
     total = 0
     for where, part in _image_parts(messages):
-        url = _url_of(part)
-        if not isinstance(url, str) or not url:
+        url = part.url
+        if not url:
             raise InvalidRequest(
                 f"{where}: an image_url part needs a non-empty string 'url'.",
                 param=where,
@@ -74,9 +75,7 @@ def validate_images(messages: list[dict[str, Any]], policy: ImagePolicy) -> int:
     return total
 
 
-def require_vision(
-    messages: list[dict[str, Any]], model_name: str, supports_vision: bool | None
-) -> None:
+def require_vision(messages: list[Message], model_name: str, supports_vision: bool | None) -> None:
     """Refuse images for a model the registry says cannot see. Unknown (None) is let through:
     the backend is the better judge than a guess."""
     if supports_vision is not False:
@@ -92,8 +91,8 @@ def require_vision(
 
 
 def truncate_for_vision(
-    messages: list[dict[str, Any]], *, keep_system: bool, keep_last_n_turns: int
-) -> list[dict[str, Any]]:
+    messages: list[Message], *, keep_system: bool, keep_last_n_turns: int
+) -> list[Message]:
     """The history of an image request cut to the system messages (if `keep_system`), the last
     `keep_last_n_turns` earlier turns and the current turn.
 
@@ -105,7 +104,7 @@ def truncate_for_vision(
     Returns `messages` itself when nothing changes or the request carries no image."""
     if not has_images(messages):
         return messages
-    users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
+    users = [i for i, message in enumerate(messages) if message.role == "user"]
     if not users:
         return messages
     current = users[-1]
@@ -116,41 +115,29 @@ def truncate_for_vision(
     kept = [
         i
         for i, message in enumerate(messages)
-        if (keep_system if message.get("role") in _SYSTEM_ROLES else i >= first_kept)
+        if (keep_system if message.role in _SYSTEM_ROLES else i >= first_kept)
     ]
     carried = _carried_images(messages, users, first_kept)
     if len(kept) == len(messages) and not carried:
         return messages
 
     result = [messages[i] for i in kept]
-    if carried:
-        position = kept.index(current)
-        result[position] = _with_images_first(messages[current], carried)
+    current_message = messages[current]
+    if carried and isinstance(current_message, UserMessage):
+        result[kept.index(current)] = _with_images_first(current_message, carried)
     # An image only in dropped non-user messages cannot be carried; such a request is then no
     # longer an image request, so it is left as the client sent it.
     return result if has_images(result) else messages
 
 
-def _image_parts(messages: list[dict[str, Any]]) -> Iterator[tuple[str, Any]]:
+def _image_parts(messages: list[Message]) -> Iterator[tuple[str, ImageURLPart]]:
     """(location, part) for every `image_url` part, location as `messages[i].content[j]`."""
     for i, message in enumerate(messages):
-        for j, part in _parts(message):
-            if part.get("type") == "image_url":
-                yield f"messages[{i}].content[{j}]", part
-
-
-def _parts(message: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
-    content = message.get("content")
-    if isinstance(content, list):
-        for j, part in enumerate(content):
-            if isinstance(part, dict):
-                yield j, part
-
-
-def _url_of(part: dict[str, Any]) -> object:
-    # Some clients send `"image_url": "<url>"` instead of `{"url": "<url>"}`.
-    image_url = part.get("image_url")
-    return image_url.get("url") if isinstance(image_url, dict) else image_url
+        content = message.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, ImageURLPart):
+                    yield f"messages[{i}].content[{j}]", part
 
 
 def _check_inline(where: str, url: str, limit: int, total_before: int) -> int:
@@ -228,36 +215,30 @@ def _sizes(size: int, limit: int) -> str:
     return f"{shown}, larger than the {cap}"
 
 
-def _turn_starts(messages: list[dict[str, Any]], current: int) -> list[int]:
+def _turn_starts(messages: list[Message], current: int) -> list[int]:
     """Where each turn before `current` begins. Non-system messages before the first user
     message (a greeting, say) count as a turn of their own."""
-    starts = [i for i in range(current) if messages[i].get("role") == "user"]
-    preamble = next(
-        (i for i in range(current) if messages[i].get("role") not in _SYSTEM_ROLES), current
-    )
-    if preamble < current and messages[preamble].get("role") != "user":
+    starts = [i for i in range(current) if messages[i].role == "user"]
+    preamble = next((i for i in range(current) if messages[i].role not in _SYSTEM_ROLES), current)
+    if preamble < current and messages[preamble].role != "user":
         starts.insert(0, preamble)
     return starts
 
 
 def _carried_images(
-    messages: list[dict[str, Any]], users: list[int], first_kept: int
-) -> list[dict[str, Any]]:
+    messages: list[Message], users: list[int], first_kept: int
+) -> list[ImageURLPart]:
     """The image parts to move into the current user message: those of the latest user message
     with images, if that message was dropped and the current one has none of its own."""
     with_images = [i for i in users if has_images([messages[i]])]
     if not with_images or with_images[-1] >= first_kept:
         return []
-    latest = messages[with_images[-1]]
-    return [part for _, part in _parts(latest) if part.get("type") == "image_url"]
+    return [part for _, part in _image_parts([messages[with_images[-1]]])]
 
 
-def _with_images_first(message: dict[str, Any], images: list[dict[str, Any]]) -> dict[str, Any]:
-    content = message.get("content")
-    if isinstance(content, list):
-        rest = content
-    elif isinstance(content, str) and content:
-        rest = [{"type": "text", "text": content}]
-    else:
-        rest = []
-    return {**message, "content": [*images, *rest]}
+def _with_images_first(message: UserMessage, images: list[ImageURLPart]) -> UserMessage:
+    content = message.content
+    rest = content if isinstance(content, list) else []
+    if isinstance(content, str) and content:
+        rest = [TextPart(type="text", text=content)]
+    return replace(message, content=[*images, *rest])

@@ -1,0 +1,288 @@
+"""The OpenAPI document the proxy serves at `GET /v1/openapi.json`, written out deliberately.
+
+The chat route reads its own body (size limit, disconnects), so a framework could not see what
+it accepts: the request schema here is the typed request's own (`requests.py`), the error
+envelope is the one every error has, and a streamed answer is `text/event-stream`. Every route
+the app serves is described here and nothing else (a test holds the two together).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imageworks.chat_proxy.requests import ChatCompletionRequest
+
+_REF = "#/components/schemas/{model}"
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref(name)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    said = {
+        400: "A malformed request: `param` names the field and the message what was expected",
+        404: "No such model (the message lists close names) or endpoint",
+        413: "The body is beyond CHAT_PROXY_MAX_BODY_BYTES (the connection is closed), or an "
+        "image beyond CHAT_PROXY_MAX_IMAGE_BYTES",
+        502: "The backend failed or answered something that is not OpenAI's",
+        503: "The backend cannot be reached or started, or the GPU slot was not free in time "
+        "(with Retry-After)",
+        504: "The backend said nothing within the configured time",
+    }
+    return {str(status): _json("ErrorResponse", said[status]) for status in statuses}
+
+
+_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
+_NULLABLE_STRING: dict[str, Any] = {"type": ["string", "null"]}
+
+_SCHEMAS: dict[str, Any] = {
+    "ErrorResponse": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": _NULLABLE_STRING,
+                    "code": _NULLABLE_STRING,
+                },
+            }
+        },
+    },
+    "ChatCompletion": {
+        "type": "object",
+        "description": "The backend's answer, with tool calls and think tags normalized.",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "message", "finish_reason"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "message": _ref("AssistantAnswer"),
+                        "finish_reason": _NULLABLE_STRING,
+                    },
+                },
+            },
+            "usage": _ref("Usage"),
+        },
+    },
+    "AssistantAnswer": {
+        "type": "object",
+        "properties": {
+            "role": {"const": "assistant"},
+            "content": _NULLABLE_STRING,
+            "reasoning_content": _NULLABLE_STRING,
+            "tool_calls": {"type": "array", "items": _ref("ToolCall")},
+        },
+    },
+    "ChatCompletionChunk": {
+        "type": "object",
+        "description": "One event of a streamed answer (`data: <chunk>`); the stream ends with "
+        '`data: [DONE]`, or with `data: {"error": ...}` and `data: [DONE]` when it fails '
+        "after it began.",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion.chunk"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "delta": _OBJECT,
+                        "finish_reason": _NULLABLE_STRING,
+                    },
+                },
+            },
+            "usage": {"anyOf": [_ref("Usage"), {"type": "null"}]},
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "properties": {
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            "total_tokens": {"type": "integer"},
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string", "description": "The display name to request"},
+            "object": {"const": "model"},
+            "created": {"type": "integer", "description": "Unix seconds (downloaded, or edited)"},
+            "owned_by": {"type": "string"},
+            "extensions": _OBJECT,
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"const": "ok"},
+            "uptime_s": {"type": "number"},
+            "registry_entries": {"type": ["integer", "null"]},
+            "active_backend": _NULLABLE_STRING,
+            "slot": _OBJECT,
+        },
+    },
+    "Metrics": {**_OBJECT, "description": "Rolling per-model metrics and the GPU slot."},
+    "AdminStatus": {
+        "type": "object",
+        "properties": {
+            "slot": _OBJECT,
+            "state_file": {
+                "anyOf": [_OBJECT, {"type": "null"}],
+                "description": "The managed model process on record",
+            },
+        },
+    },
+    "ActivateRequest": {
+        "type": "object",
+        "required": ["model"],
+        "properties": {"model": {"type": "string"}},
+    },
+}
+
+
+def _chat_completions() -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Create a chat completion",
+            "description": "Forwarded to the registry entry's backend with `model` rewritten "
+            "to its served id. Fields not in the schema are forwarded as sent.",
+            "operationId": "createChatCompletion",
+            "requestBody": {
+                "required": True,
+                "content": {JSON: {"schema": _ref("ChatCompletionRequest")}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The answer, or with `stream: true` its events as they come "
+                    "(`: loading` comments first while the model loads)",
+                    "content": {
+                        JSON: {"schema": _ref("ChatCompletion")},
+                        "text/event-stream": {
+                            "schema": {
+                                "type": "string",
+                                "description": "Server-sent events, each `data: "
+                                "<ChatCompletionChunk>`, then `data: [DONE]`",
+                            },
+                            "x-event-data": _ref("ChatCompletionChunk"),
+                        },
+                    },
+                },
+                **_errors(400, 404, 413, 502, 503, 504),
+            },
+        }
+    }
+
+
+def _get(summary: str, operation: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "operationId": operation,
+            "responses": {"200": ok, **_errors(*errors)},
+        }
+    }
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The document: OpenAPI 3.1, whose schemas are JSON Schema 2020-12 as pydantic writes it."""
+    request = ChatCompletionRequest.model_json_schema(by_alias=True, ref_template=_REF)
+    schemas = {**request.pop("$defs", {}), "ChatCompletionRequest": request, **_SCHEMAS}
+    admin_status = _json("AdminStatus", "The GPU slot and the state file")
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ImageWorks Chat Proxy",
+            "version": version,
+            "description": "One OpenAI-compatible endpoint for the local models of a registry. "
+            'Every error is `{"error": {"message", "type", "param", "code"}}`.',
+        },
+        "paths": {
+            "/v1/health": _get("The proxy's own readiness", "health", _json("Health", "Ready")),
+            "/v1/models": _get(
+                "The models to request, by display name",
+                "listModels",
+                _json("ModelList", "The installed, non-deprecated entries"),
+                503,
+            ),
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "One model of the list, by its id (URL-encoded)",
+                    "operationId": "retrieveModel",
+                    "parameters": [
+                        {
+                            "name": "model_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {"200": _json("Model", "The model"), **_errors(404, 503)},
+                }
+            },
+            "/v1/chat/completions": _chat_completions(),
+            "/v1/metrics": _get(
+                "Rolling metrics (CHAT_PROXY_ENABLE_METRICS=1)",
+                "metrics",
+                _json("Metrics", "The metrics"),
+                404,
+            ),
+            "/v1/admin/status": _get("The GPU slot", "adminStatus", admin_status),
+            "/v1/admin/activate": {
+                "post": {
+                    "summary": "Load a model now, and answer once it is ready",
+                    "operationId": "adminActivate",
+                    "requestBody": {
+                        "required": True,
+                        "content": {JSON: {"schema": _ref("ActivateRequest")}},
+                    },
+                    "responses": {"200": admin_status, **_errors(400, 404, 413, 503)},
+                }
+            },
+            "/v1/admin/stop": {
+                "post": {
+                    "summary": "Stop the model holding the GPU once its requests have finished",
+                    "operationId": "adminStop",
+                    "responses": {"200": admin_status, **_errors(503)},
+                }
+            },
+            "/v1/openapi.json": _get(
+                "This document",
+                "openapi",
+                {"description": "OpenAPI 3.1", "content": {JSON: {"schema": _OBJECT}}},
+            ),
+        },
+        "components": {"schemas": schemas},
+    }
