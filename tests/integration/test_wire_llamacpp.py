@@ -19,6 +19,7 @@ from openai import OpenAI
 from conftest import make_demo_workspace
 from imageworks.backends.base import Dialect, Target
 from imageworks.chat_proxy.forwarding import Forwarder
+from imageworks.chat_proxy.requests import parse_chat_request
 from imageworks.chat_proxy.usage import Generated, count_usage, tokenizer_for
 from support.proxy_process import RunningProxy, Workspace, processes_listening_on
 
@@ -216,7 +217,8 @@ async def test_usage_counted_by_llama_server_endpoints_is_what_it_reports(
         forwarder = Forwarder(client, backend_timeout_s=60, stream_idle_timeout_s=60)
         for max_tokens in (3, 100):  # cut off (`length`), and ended by the model (`stop`)
             body = {"messages": [system, question], "max_tokens": max_tokens, "temperature": 0}
-            answer = await forwarder.complete(target, body)
+            typed = parse_chat_request(json.dumps({"model": target.model, **body}).encode())
+            answer = await forwarder.complete(target, typed)
             choice = answer.parsed["choices"][0]
             reported = answer.parsed["usage"]
             tokenizer = tokenizer_for(
