@@ -22,7 +22,7 @@ dropped from `param`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -66,7 +66,9 @@ def _kind(value: Any) -> str:
     return "kind:other"
 
 
-def _field_tag(field: str, prefix: str) -> Any:
+def _field_tag(field: str, prefix: str) -> Callable[[Any], str | None]:
+    """The tag of an object by one of its fields (`part:text`); None when it has none."""
+
     def tag(value: Any) -> str | None:
         found = value.get(field) if isinstance(value, dict) else getattr(value, field, None)
         return f"{prefix}:{found}" if isinstance(found, str) else None
@@ -387,7 +389,7 @@ class ChatCompletionRequest(WireModel):
     logprobs: bool | None = None
     max_completion_tokens: Count | None = None
     max_tokens: Count | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, Any] | None = None  # OpenAI's values are strings; backends ignore it
     modalities: list[str] | None = None
     n: Count | None = None
     parallel_tool_calls: bool | None = None
