@@ -304,12 +304,15 @@ def json_shape_problem(raw: bytes, max_depth: int) -> str | None:
     each point is the number of brackets opened so far minus those closed, and the deepest a
     parser can go is its maximum (for a document that is not valid JSON, at least as deep as a
     parser gets before it fails). Linear, and in C but for the final sum."""
+    few = raw.count(b"[") + raw.count(b"{") <= max_depth
+    if few and b"NaN" not in raw and b"Infinity" not in raw:
+        return None  # the usual request: too few brackets, even in strings, to be that deep
     outside = _JSON_STRING.sub(b"", raw)
     if b"NaN" in outside or b"Infinity" in outside:
         return "NaN and Infinity are not JSON numbers"
     brackets = outside.translate(None, delete=_NOT_BRACKETS)
     if brackets.count(b"[") + brackets.count(b"{") <= max_depth:
-        return None  # the usual request: too few containers to be that deep
+        return None
     steps = memoryview(brackets.translate(_STEPS)).cast("b")
     if max(itertools.accumulate(steps)) > max_depth:
         return f"it is nested deeper than {max_depth} levels"

@@ -14,14 +14,15 @@ Ollama's `keep_alive` and `options`) is kept as sent and forwarded, never droppe
 those a normalization step set, nothing else (no added nulls or defaults); `replace` is how a
 step changes a request (a new one; the input is never mutated).
 
-Unions are tagged by the shape of their input (a role, a part's `type`, string or array), so an
-error names one field and one expectation instead of one per alternative. The tags (`role:user`,
-`kind:array` ...) appear in pydantic's error locations and are dropped from `param`.
+Unions are tagged by the shape of their input (a message's role, a part's `type`, string or
+array), so an error names one field and one expectation instead of one per alternative. The tags
+(`kind:array`, `part:text`, a message's role ...) appear in pydantic's error locations and are
+dropped from `param`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -65,7 +66,9 @@ def _kind(value: Any) -> str:
     return "kind:other"
 
 
-def _field_tag(field: str, prefix: str) -> Any:
+def _field_tag(field: str, prefix: str) -> Callable[[Any], str | None]:
+    """The tag of an object by one of its fields (`part:text`); None when it has none."""
+
     def tag(value: Any) -> str | None:
         found = value.get(field) if isinstance(value, dict) else getattr(value, field, None)
         return f"{prefix}:{found}" if isinstance(found, str) else None
@@ -75,7 +78,6 @@ def _field_tag(field: str, prefix: str) -> Any:
 
 _TAGS = frozenset(
     [f"kind:{kind}" for kind in ("string", "array", "object", "other")]
-    + [f"role:{role}" for role in ROLES]
     + [f"part:{kind}" for kind in (*_PART_TYPES, "refusal", "audio_url", "video_url")]
     + [f"format:{kind}" for kind in ("text", "json_object", "json_schema", "structural_tag")]
 )
@@ -279,18 +281,16 @@ class FunctionMessage(WireModel):  # legacy
     content: str | None = None
 
 
+# Told apart by `role` itself (pydantic reads it without calling back into Python: messages are
+# the bulk of a request); the role then appears in error locations, after the message's index.
 Message = Annotated[
-    Annotated[SystemMessage, Tag("role:system")]
-    | Annotated[DeveloperMessage, Tag("role:developer")]
-    | Annotated[UserMessage, Tag("role:user")]
-    | Annotated[AssistantMessage, Tag("role:assistant")]
-    | Annotated[ToolMessage, Tag("role:tool")]
-    | Annotated[FunctionMessage, Tag("role:function")],
-    Discriminator(
-        _field_tag("role", "role"),
-        custom_error_type="message_role",
-        custom_error_message=_listing(ROLES),
-    ),
+    SystemMessage
+    | DeveloperMessage
+    | UserMessage
+    | AssistantMessage
+    | ToolMessage
+    | FunctionMessage,
+    Field(discriminator="role"),
 ]
 
 
@@ -389,7 +389,7 @@ class ChatCompletionRequest(WireModel):
     logprobs: bool | None = None
     max_completion_tokens: Count | None = None
     max_tokens: Count | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[str, Any] | None = None  # OpenAI's values are strings; backends ignore it
     modalities: list[str] | None = None
     n: Count | None = None
     parallel_tool_calls: bool | None = None
@@ -416,38 +416,45 @@ class ChatCompletionRequest(WireModel):
 
     def value(self, name: str) -> Any:
         """A field's value, declared or extra (None when unset), as `dict.get` would give."""
-        if name in type(self).model_fields:
+        if name in _DECLARED:
             return getattr(self, name)
         return (self.model_extra or {}).get(name)
 
 
 _REQUEST = TypeAdapter(ChatCompletionRequest)
 RESPONSE_FORMAT: TypeAdapter[ResponseFormat] = TypeAdapter(ResponseFormat)
+_DECLARED = frozenset(ChatCompletionRequest.model_fields)
 
 
 def replace(instance: M, /, *, drop: Iterable[str] = (), **changes: Any) -> M:
     """A copy of `instance` with `changes` set and the fields in `drop` unset (declared or
-    extra). Nothing is validated: steps set values of the right types."""
-    dropped = set(drop)
-    fields = type(instance).model_fields
-    values = {
-        name: getattr(instance, name)
-        for name in instance.model_fields_set
-        if name in fields and name not in dropped
-    }
-    values.update((k, v) for k, v in (instance.model_extra or {}).items() if k not in dropped)
-    values.update(changes)
-    return type(instance).model_construct(_fields_set=set(values), **values)
+    extra); the instance itself is untouched. Nothing is validated: steps set values of the
+    right types. A shallow copy: what is not changed is shared, not copied."""
+    copy = instance.model_copy(update=changes)
+    declared = type(copy).model_fields
+    for name in drop:
+        if name in changes:
+            continue
+        copy.__pydantic_fields_set__.discard(name)
+        if name in declared:
+            copy.__dict__[name] = declared[name].get_default()
+        elif copy.__pydantic_extra__ is not None:
+            copy.__pydantic_extra__.pop(name, None)
+    return copy
 
 
 def request_json(request: ChatCompletionRequest, *, model: str) -> bytes:
     """The request as the backend receives it: for its served `model`, set fields only."""
-    return _REQUEST.dump_json(replace(request, model=model), exclude_unset=True, by_alias=True)
+    # serialize_as_any: each value by its own type, so no union is re-decided on the way out
+    # (the same bytes, in half the time).
+    return _REQUEST.dump_json(
+        replace(request, model=model), exclude_unset=True, by_alias=True, serialize_as_any=True
+    )
 
 
 def as_json_data(model: BaseModel) -> dict[str, Any]:
     """A model as plain JSON data (what the client sent, plus what steps set)."""
-    return model.model_dump(mode="json", exclude_unset=True, by_alias=True)
+    return model.model_dump(mode="json", exclude_unset=True, by_alias=True, serialize_as_any=True)
 
 
 def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
@@ -479,19 +486,18 @@ _TYPES = {
 def invalid_request(error: ErrorDetails) -> InvalidRequest:
     """The 400 for one pydantic error: `param` is its path, the message what was expected."""
     kind, got, message = error["type"], error.get("input"), error["msg"]
-    path = [part for part in error["loc"] if not (isinstance(part, str) and part in _TAGS)]
+    loc = list(error["loc"])
+    if len(loc) > 2 and loc[0] == "messages" and isinstance(loc[1], int) and loc[2] in ROLES:
+        del loc[2]  # the role that chose the message's model
+    path = [part for part in loc if not (isinstance(part, str) and part in _TAGS)]
     if kind == "json_invalid":
         return InvalidRequest(f"The request body is not valid JSON: {message}", code="invalid_json")
     if not path and kind == "model_type":
         return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    if kind in ("message_role", "part_type"):  # the tag field of an object, or not an object
-        field = "role" if kind == "message_role" else "type"
-        if not isinstance(got, dict):
-            return _wrong_type(path, "an object", got)
-        path.append(field)
-        if field not in got:
-            return _missing(path)
-        return _wrong_value(path, message, got[field])
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a message's role
+        return _wrong_tag(path, "role", _listing(ROLES), got)
+    if kind == "part_type":  # a content part's or response format's type
+        return _wrong_tag(path, "type", message, got)
     if kind == "missing":
         return _missing(path)
     if kind in _TYPES:
@@ -526,6 +532,15 @@ def _param(path: list[int | str]) -> str | None:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text or None
+
+
+def _wrong_tag(path: list[int | str], field: str, expected: str, got: Any) -> InvalidRequest:
+    """An object whose `field` says which kind it is, but names none of `expected`."""
+    if not isinstance(got, dict):
+        return _wrong_type(path, "an object", got)
+    if field not in got:
+        return _missing([*path, field])
+    return _wrong_value([*path, field], expected, got[field])
 
 
 def _missing(path: list[int | str]) -> InvalidRequest:
