@@ -75,6 +75,7 @@ _SCHEMAS: dict[str, Any] = {
                     "properties": {
                         "index": {"type": "integer"},
                         "message": _ref("AssistantAnswer"),
+                        "logprobs": {"type": ["object", "null"]},
                         "finish_reason": _NULLABLE_STRING,
                     },
                 },
@@ -87,6 +88,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "role": {"const": "assistant"},
             "content": _NULLABLE_STRING,
+            "refusal": _NULLABLE_STRING,
             "reasoning_content": _NULLABLE_STRING,
             "tool_calls": {"type": "array", "items": _ref("ToolCall")},
         },
