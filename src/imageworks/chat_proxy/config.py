@@ -101,12 +101,57 @@ class ProxySettings(BaseSettings):
     leave_model_running: bool = False
     backend_log_dir: Path = Path("logs")
 
-    @field_validator("loopback_alias", "vllm_max_model_len", "llama_server_binary", mode="before")
+    # -- operations ------------------------------------------------------------------------------
+    # `POST /v1/admin/restart`: `exec` re-executes the proxy in the same process (the listening
+    # socket is handed over, so clients queue instead of being refused); `exit` exits cleanly
+    # for Docker's restart policy or systemd to bring it back.
+    restart_mode: Literal["exec", "exit"] = "exec"
+
+    # -- access ----------------------------------------------------------------------------------
+    # Off by default, as the documents say. A comma list, or `@path` of a file with one key per
+    # line (or comma-separated; `#` starts a comment). Keys are never logged.
+    api_keys: Annotated[frozenset[str], NoDecode] = Field(default=frozenset(), repr=False)
+    # Guards `/v1/admin/*` and the dashboard's buttons; a user key gets a 403 there.
+    admin_key: str | None = Field(default=None, repr=False)
+    # On a loopback bind only loopback `Host` names are served (DNS rebinding); these add names,
+    # such as `chat-proxy` in the compose files.
+    allowed_hosts: Annotated[frozenset[str], NoDecode] = frozenset()
+    # Browser origins trusted to change things and to read answers (CORS). The dashboard's own
+    # origin always is. Unset: CORS is off and a foreign `Origin` cannot change anything.
+    allowed_origins: Annotated[frozenset[str], NoDecode] = frozenset()
+
+    @field_validator(
+        "loopback_alias", "vllm_max_model_len", "llama_server_binary", "admin_key", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("llamacpp_launcher", "response_model", mode="before")
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _read_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("@"):
+                path = Path(text[1:]).expanduser()
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except OSError as exc:
+                    raise ValueError(f"cannot read the key file {path}: {exc.strerror}") from exc
+                text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+            keys = (key.strip() for key in text.replace("\n", ",").split(","))
+            return frozenset(key for key in keys if key)
+        return value
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            items = (item.strip().rstrip("/").lower() for item in value.split(","))
+            return frozenset(item for item in items if item)
+        return value
+
+    @field_validator("llamacpp_launcher", "response_model", "restart_mode", mode="before")
     @classmethod
     def _lowercase_choice(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
