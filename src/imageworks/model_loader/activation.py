@@ -91,7 +91,8 @@ def via_proxy(
         )
     except httpx.HTTPError as exc:
         raise LoaderError(
-            f"the proxy at {url} did not answer {method} {path}: {str(exc) or type(exc).__name__}",
+            f"the proxy at {url} did not answer {method} {path}: "
+            f"{str(exc).rstrip('.') or type(exc).__name__}",
             "check that it is still running (start it with `imageworks-chat-proxy`), then retry",
         ) from exc
     if response.status_code in (401, 403):

@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = _explain(exc)
         print(f"{PROG}: error: {' '.join(str(failure).splitlines())}", file=sys.stderr)
         if isinstance(failure, ActivationError) and failure.log_tail and not args.json:
-            for line in failure.log_tail.splitlines()[-_TAIL_LINES:]:
+            lines = [line for line in failure.log_tail.splitlines() if line.strip()]
+            for line in lines[-_TAIL_LINES:]:
                 print(f"    {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
