@@ -66,7 +66,7 @@ def wait_dead(pid: int) -> None:
 
 
 def test_loader_activate_current_and_stop_without_a_proxy(ws: Workspace) -> None:
-    started = ws.loader("activate-model", SMOL)
+    started = ws.loader("activate-model", SMOL, "--json")
     assert started.returncode == 0, started.stderr
     state = json.loads(started.stdout)
     assert state["entry"] == SMOL_ENTRY
@@ -74,10 +74,10 @@ def test_loader_activate_current_and_stop_without_a_proxy(ws: Workspace) -> None
     assert state["port"] == ws.model_port
     assert pid_alive(state["pid"])
 
-    current = json.loads(ws.loader("current-model").stdout)
+    current = json.loads(ws.loader("current-model", "--json").stdout)
     assert current["pid"] == state["pid"]
 
-    swapped = json.loads(ws.loader("activate-model", GEMMA).stdout)
+    swapped = json.loads(ws.loader("activate-model", GEMMA, "--json").stdout)
     assert swapped["entry"] == GEMMA_ENTRY
     assert not pid_alive(state["pid"])
     assert processes_listening_on(ws.model_port) == [swapped["pid"]]
@@ -86,7 +86,7 @@ def test_loader_activate_current_and_stop_without_a_proxy(ws: Workspace) -> None
     assert stopped.returncode == 0
     assert GEMMA_ENTRY in stopped.stdout
     assert not pid_alive(swapped["pid"])
-    assert json.loads(ws.loader("current-model").stdout) is None
+    assert json.loads(ws.loader("current-model", "--json").stdout) is None
 
 
 def test_loader_refuses_entries_it_cannot_start(ws: Workspace) -> None:
@@ -97,7 +97,7 @@ def test_loader_refuses_entries_it_cannot_start(ws: Workspace) -> None:
 
 
 def test_proxy_adopts_a_model_the_loader_started(ws: Workspace) -> None:
-    state = json.loads(ws.loader("activate-model", SMOL).stdout)
+    state = json.loads(ws.loader("activate-model", SMOL, "--json").stdout)
     proxy = ws.start_proxy()
     try:
         slot = proxy.health()["slot"]
@@ -110,7 +110,7 @@ def test_proxy_adopts_a_model_the_loader_started(ws: Workspace) -> None:
         assert slot["swaps"] == 0  # no second start
         assert processes_listening_on(ws.model_port) == [state["pid"]]
 
-        via_proxy = json.loads(ws.loader("current-model").stdout)
+        via_proxy = json.loads(ws.loader("current-model", "--json").stdout)
         assert via_proxy["proxy"] == proxy.url
         assert via_proxy["slot"]["holder"] == SMOL_ENTRY
 
@@ -121,7 +121,7 @@ def test_proxy_adopts_a_model_the_loader_started(ws: Workspace) -> None:
     finally:
         proxy.terminate()
     assert not pid_alive(gemma_pid)
-    assert json.loads(ws.loader("current-model").stdout) is None
+    assert json.loads(ws.loader("current-model", "--json").stdout) is None
 
 
 def test_restarted_proxy_adopts_the_live_process(ws: Workspace) -> None:
