@@ -17,8 +17,9 @@ from starlette.responses import JSONResponse
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
-from imageworks.chat_proxy.routes import router
+from imageworks.chat_proxy.routes import root_router, router
 from imageworks.chat_proxy.services import running_services
+from imageworks.chat_proxy.timing import ServerTiming, timing_headers
 from imageworks.config import RegistrySettings
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.store import RegistryStore
@@ -44,6 +45,9 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
         openapi_url=None,
     )
     app.include_router(router)
+    app.include_router(root_router)
+    # Added last, so it is the outermost of ours: its header covers every response they make.
+    app.add_middleware(ServerTiming)
     # FastAPI's own document cannot see what the chat route reads itself: ours is written out.
     app.state.openapi = json_bytes(openapi_document(app.version))
 
@@ -63,12 +67,13 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
         return JSONResponse(body, status_code=503)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not a client error: log it fully, answer in the OpenAI shape all the same.
         # (Chat completions never get here: their own owner records and answers them.)
         log.error("unhandled error", exc_info=exc)
         error = InternalError(f"Internal proxy error: {type(exc).__name__}")
-        return JSONResponse(error.body(), status_code=error.status)
+        headers = timing_headers(request.scope)  # this answer bypasses the middleware
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     return app
 
