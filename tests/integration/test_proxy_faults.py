@@ -266,7 +266,7 @@ def test_unknown_model_is_404_listing_close_matches(proxy: ProxyServer) -> None:
 
 
 def test_unknown_route_and_disabled_metrics_are_openai_404(proxy: ProxyServer) -> None:
-    for path in ("/v1/nothing", "/v1/metrics"):
+    for path in ("/v1/nothing", "/v1/metrics", "/metrics"):
         response = httpx.get(f"{proxy.url}{path}")
         assert response.status_code == 404
         assert_openai_error(response.json())

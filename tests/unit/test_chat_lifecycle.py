@@ -24,6 +24,7 @@ from imageworks.chat_proxy.forwarding import Forwarder
 from imageworks.chat_proxy.observe import Metrics, RequestLog, RequestRecord
 from imageworks.chat_proxy.protocol import QueueTimeout
 from imageworks.chat_proxy.services import chat_rules
+from imageworks.chat_proxy.timing import ServerTiming, request_timing
 from imageworks.registry.schema import RegistryEntry
 from imageworks.registry.store import RegistryStore
 
@@ -70,9 +71,10 @@ class Harness:
         return int(self.metrics.snapshot()["overall"]["in_flight"])
 
     async def send(
-        self, body: dict[str, Any], *, leave: asyncio.Event | None = None
+        self, body: dict[str, Any], *, leave: asyncio.Event | None = None, timed: bool = False
     ) -> list[dict[str, Any]]:
-        """The ASGI messages the response sends; the client leaves when `leave` is set."""
+        """The ASGI messages the response sends; the client leaves when `leave` is set.
+        `timed`: through the Server-Timing middleware, as the app serves it."""
         sent: list[dict[str, Any]] = []
         gone = leave or asyncio.Event()
 
@@ -83,8 +85,12 @@ class Harness:
         async def send(message: Any) -> None:
             sent.append(message)
 
-        response = self.service.handle(json.dumps(body).encode())
-        await response({"type": "http"}, receive, send)
+        raw = json.dumps(body).encode()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await self.service.handle(raw, request_timing(scope))(scope, receive, send)
+
+        await (ServerTiming(app) if timed else app)({"type": "http"}, receive, send)
         return sent
 
 
@@ -378,3 +384,64 @@ async def test_chat_stream_usage_the_backend_cannot_count_is_left_out(
     (record,) = harness.log.records
     assert (record.outcome, record.prompt_tokens) == ("ok", None)
     assert "could not count" in caplog.text
+
+
+def server_timing(headers: dict[str, str]) -> dict[str, float]:
+    entries = [entry.split(";dur=") for entry in headers["server-timing"].split(", ")]
+    return {name: float(duration) for name, duration in entries}
+
+
+def late_lease(after_s: float) -> Lease:
+    @asynccontextmanager
+    async def lease() -> AsyncIterator[Target]:
+        await asyncio.sleep(after_s)  # the model loads
+        yield TARGET
+
+    return lease
+
+
+async def test_chat_time_is_split_into_queue_upstream_and_proxy(
+    make: Callable[..., Harness],
+) -> None:
+    async def slow_echo(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.05)
+        return await _echo(request)
+
+    harness = make(FakeBackend(late_lease(0.1)), slow_echo)
+    status, headers, _ = status_and_body(await harness.send(chat(), timed=True))
+    assert status == 200
+    timing = server_timing(headers)
+    assert list(timing) == ["queue", "upstream", "proxy"]
+    assert timing["queue"] >= 100
+    assert timing["upstream"] >= 50
+    (record,) = harness.log.records  # the log line says what the header said
+    assert (record.queue_ms, record.upstream_ms, record.proxy_ms) == pytest.approx(
+        (timing["queue"], timing["upstream"], timing["proxy"]), abs=0.06
+    )
+
+
+async def test_chat_stream_headers_sent_while_the_model_loads_carry_the_wait_so_far(
+    make: Callable[..., Harness],
+) -> None:
+    harness = make(FakeBackend(late_lease(0.3)), heartbeat_s=0.05)
+    status, headers, _ = status_and_body(await harness.send(chat(stream=True), timed=True))
+    assert status == 200
+    timing = server_timing(headers)
+    assert list(timing) == ["queue", "proxy"]  # the backend had not been asked yet
+    assert timing["queue"] >= 50
+    (record,) = harness.log.records
+    assert record.queue_ms is not None
+    assert record.queue_ms >= 300
+    assert record.upstream_ms is not None
+    assert record.proxy_ms is not None
+    assert 0 <= record.proxy_ms < record.queue_ms / 2  # the load was not the proxy's time
+
+
+async def test_chat_without_the_middleware_records_no_proxy_time(
+    make: Callable[..., Harness],
+) -> None:
+    harness = make(FakeBackend())
+    await harness.send(chat())
+    (record,) = harness.log.records
+    assert record.upstream_ms is not None
+    assert record.proxy_ms is None  # nobody saw the headers go out

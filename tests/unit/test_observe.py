@@ -89,7 +89,15 @@ def test_record_json_line_ok_has_documented_keys_and_values() -> None:
         "ttft_ms": None,
         "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
         "error": None,
+        "queue_ms": None,
+        "upstream_ms": None,
+        "proxy_ms": None,
     }
+
+
+def test_record_json_line_has_the_request_timings_in_milliseconds() -> None:
+    line = _parse(_record(queue_ms=2000.04, upstream_ms=312.449, proxy_ms=0.91))
+    assert (line["queue_ms"], line["upstream_ms"], line["proxy_ms"]) == (2000.0, 312.4, 0.9)
 
 
 def test_record_json_line_is_compact() -> None:

@@ -20,8 +20,9 @@ from imageworks.chat_proxy.guard import AccessGuard, startup_warnings
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
 from imageworks.chat_proxy.restart import RestartControl, SocketHandover, listening_socket
-from imageworks.chat_proxy.routes import router
+from imageworks.chat_proxy.routes import root_router, router
 from imageworks.chat_proxy.services import running_services
+from imageworks.chat_proxy.timing import ServerTiming, timing_headers
 from imageworks.config import RegistrySettings
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.store import RegistryStore
@@ -47,6 +48,7 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
         openapi_url=None,
     )
     app.include_router(router)
+    app.include_router(root_router)
     app.state.restart = RestartControl(settings.restart_mode)
     # FastAPI's own document cannot see what the chat route reads itself: ours is written out.
     app.state.openapi = json_bytes(openapi_document(app.version))
@@ -67,16 +69,19 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
         return JSONResponse(body, status_code=503)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not a client error: log it fully, answer in the OpenAI shape all the same.
         # (Chat completions never get here: their own owner records and answers them.)
         log.error("unhandled error", exc_info=exc)
         error = InternalError(f"Internal proxy error: {type(exc).__name__}")
-        return JSONResponse(error.body(), status_code=error.status)
+        headers = timing_headers(request.scope)  # this answer bypasses the middleware
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
-    # Added last, so it is the outermost of our layers: every route, the dashboard and metrics
-    # included, is behind it (Starlette wraps each added middleware around the earlier ones).
+    # Starlette wraps each added middleware around the earlier ones: every route (the dashboard
+    # and metrics included) is behind the guard, and Server-Timing, outermost, times every
+    # answer, the guard's refusals too.
     app.add_middleware(AccessGuard, settings=settings)
+    app.add_middleware(ServerTiming)
     return app
 
 

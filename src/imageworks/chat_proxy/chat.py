@@ -10,6 +10,7 @@ line, metrics, in-flight count) exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -37,6 +38,7 @@ from imageworks.chat_proxy.normalize.structured import structured_for
 from imageworks.chat_proxy.normalize.tools import normalize_completion
 from imageworks.chat_proxy.normalize.vision import has_images
 from imageworks.chat_proxy.observe import Metrics, RequestLog
+from imageworks.chat_proxy.prometheus import PrometheusMetrics
 from imageworks.chat_proxy.protocol import (
     BackendUnavailable,
     BadGateway,
@@ -56,6 +58,7 @@ from imageworks.chat_proxy.requests import (
     replace,
 )
 from imageworks.chat_proxy.sse import ClientGone, Reply, TaskResponse, shielded
+from imageworks.chat_proxy.timing import RequestTiming, Wait
 from imageworks.chat_proxy.usage import StreamUsage, tokenizer_for
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.naming import display_name
@@ -95,28 +98,29 @@ class ChatService:
         request_log: RequestLog,
         metrics: Metrics,
         rules: ChatRules,
+        prometheus: PrometheusMetrics | None = None,
     ) -> None:
         self._catalog = catalog
         self._router = router
         self._forwarder = forwarder
         self._log = request_log
         self._metrics = metrics
+        self._prometheus = prometheus
         self._rules = rules
         self._log_prompts = rules.log_prompts
         # entry -> template check, per registry snapshot (entries are replaced on reload)
         self._templates: dict[int, tuple[RegistryEntry, TemplateCheck]] = {}
 
-    def handle(self, raw_body: bytes) -> Response:
-        """The response for a `/v1/chat/completions` body; the request runs when it is sent."""
-        return TaskResponse(lambda reply: self._serve(raw_body, reply))
+    def handle(self, raw_body: bytes, timing: RequestTiming | None = None) -> Response:
+        """The response for a `/v1/chat/completions` body; the request runs when it is sent.
+        `timing` (the Server-Timing middleware's) learns where the request's time went."""
+        return TaskResponse(lambda reply: self._serve(raw_body, reply, timing or RequestTiming()))
 
     def refused(self, error: ProxyError) -> None:
         """Record a request refused before it could be read (its body was too large)."""
         exchange = Exchange()
         exchange.end(error.status, "error", error.message)
-        record = exchange.record(self._log_prompts)
-        self._log.write(record)
-        self._metrics.request_finished(record)
+        self._record(exchange)
 
     async def activate(self, model: str) -> None:
         """Make `model`'s backend ready without a request (the admin endpoint); ProxyErrors."""
@@ -124,9 +128,17 @@ class ChatService:
         async with self._lease(entry):
             pass
 
-    async def _serve(self, raw_body: bytes, reply: Reply) -> None:
+    def _record(self, exchange: Exchange) -> None:
+        """The one place a finished request is written down: log line, metrics, in-flight."""
+        record = exchange.record(self._log_prompts)
+        self._log.write(record)
+        self._metrics.request_finished(record)
+        if self._prometheus is not None:
+            self._prometheus.request_finished(record)
+
+    async def _serve(self, raw_body: bytes, reply: Reply, timing: RequestTiming) -> None:
         """The one owner of a request: its outcome is recorded here, once, whatever ends it."""
-        exchange = Exchange()
+        exchange = Exchange(timing=timing)
         try:
             await self._answer(exchange, raw_body, reply)
         except ProxyError as error:
@@ -139,9 +151,7 @@ class ChatService:
             exchange.end(500, "error", f"{type(exc).__name__}: {exc}")
             await reply.fail(InternalError(f"Internal proxy error: {type(exc).__name__}"))
         finally:  # also when cancelled (client gone, server shutting down): 499 unless ended
-            record = exchange.record(self._log_prompts)
-            self._log.write(record)
-            self._metrics.request_finished(record)
+            self._record(exchange)
 
     async def _answer(self, exchange: Exchange, raw_body: bytes, reply: Reply) -> None:
         if len(raw_body) > _PARSE_IN_THREAD_BYTES:
@@ -158,7 +168,7 @@ class ChatService:
         body = await self._prepare(body, entry, registry_dir)
         if exchange.stream:  # while the model loads: the headers, then `: loading` comments
             reply.keep_alive(self._rules.stream_heartbeat_s, lambda: f"loading {entry.name}")
-        async with self._lease(entry) as target:
+        async with self._lease(entry, exchange.timing.queue) as target:
             try:
                 await self._forward(exchange, entry, body, target, reply)
             except ProxyError as failure:
@@ -168,13 +178,17 @@ class ChatService:
                 raise explained from failure
 
     @asynccontextmanager
-    async def _lease(self, entry: RegistryEntry) -> AsyncIterator[Target]:
-        """The entry's backend, ready and held for the block. Whatever ends the block, the
-        lease is left at once, and to the end even if the request is cancelled meanwhile."""
+    async def _lease(
+        self, entry: RegistryEntry, queue: Wait | None = None
+    ) -> AsyncIterator[Target]:
+        """The entry's backend, ready and held for the block (the wait for it timed by `queue`).
+        Whatever ends the block, the lease is left at once, and to the end even if the request
+        is cancelled meanwhile."""
         leases = AsyncExitStack()
         try:
             backend = self._router.backend_for(entry)
-            target: Target = await leases.enter_async_context(backend.lease(entry))
+            with queue or contextlib.nullcontext():
+                target: Target = await leases.enter_async_context(backend.lease(entry))
         except BackendNotReady as exc:
             raise _not_ready(exc) from exc
         try:
@@ -194,17 +208,22 @@ class ChatService:
         native_ollama = entry.backend == "ollama" and needs_native_ollama(body, entry)
         num_ctx = ollama_num_ctx(entry)
         requested = body.model if self._rules.requested_model_in_answers else None
+        upstream_wait = exchange.timing.upstream
         if not exchange.stream:
             if native_ollama:
-                completion = await self._forwarder.complete_ollama(target, body, num_ctx)
+                completion = await self._forwarder.complete_ollama(
+                    target, body, num_ctx, wait=upstream_wait
+                )
             else:
-                completion = await self._forwarder.complete(target, body)
+                completion = await self._forwarder.complete(target, body, wait=upstream_wait)
             await self._send_completion(exchange, completion, reply, requested)
             return
         if native_ollama:
-            upstream = await self._forwarder.open_ollama_stream(target, body, num_ctx)
+            upstream = await self._forwarder.open_ollama_stream(
+                target, body, num_ctx, wait=upstream_wait
+            )
         else:
-            upstream = await self._forwarder.open_stream(target, body)
+            upstream = await self._forwarder.open_stream(target, body, wait=upstream_wait)
         renamer = None
         if requested is not None and requested != target.model:
             renamer = ModelRenamer(target.model, requested)

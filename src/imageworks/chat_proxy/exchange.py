@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imageworks.chat_proxy.observe import Outcome, RequestRecord
+from imageworks.chat_proxy.timing import RequestTiming
 from imageworks.registry.schema import RegistryEntry
 
 # Status recorded for a request whose client left before the answer (nginx's convention).
@@ -36,6 +37,7 @@ class Exchange:
     outcome: Outcome = "cancelled"
     error: str | None = "client disconnected"
     ended: bool = False
+    timing: RequestTiming = field(default_factory=RequestTiming)  # the middleware's, if it runs
 
     def end(self, status: int, outcome: Outcome, error: str | None = None) -> None:
         """Settle the outcome; the first call wins (an answer that was sent stays sent)."""
@@ -45,6 +47,7 @@ class Exchange:
     def record(self, log_prompts: bool) -> RequestRecord:
         now = time.perf_counter()
         usage = self.usage or {}
+        timing = self.timing
         return RequestRecord(
             request_id=self.request_id,
             started_at=self.started_at,
@@ -62,12 +65,19 @@ class Exchange:
             error=self.error,
             prompt=self.prompt if log_prompts else None,
             response=(self.response or "".join(self.response_text)) if log_prompts else None,
+            queue_ms=_ms(timing.queue.total_s),
+            upstream_ms=_ms(timing.upstream.total_s),
+            proxy_ms=_ms(timing.proxy_s()),
         )
 
 
 def usage_of(body: dict[str, Any]) -> dict[str, Any] | None:
     usage = body.get("usage")
     return usage if isinstance(usage, dict) else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
 
 
 def _count(value: object) -> int | None:

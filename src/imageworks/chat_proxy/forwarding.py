@@ -2,12 +2,14 @@
 
 Every httpx error is translated into a `ProxyError` here and nowhere else. Streams are read as
 raw bytes and cut only at event boundaries, so an event reaches the client the moment it is
-complete, byte for byte as the backend sent it.
+complete, byte for byte as the backend sent it. A chat call's `wait` times the backend alone
+(until its headers for a stream, its whole body otherwise), for Server-Timing and the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -32,6 +34,7 @@ from imageworks.chat_proxy.protocol import (
     upstream_error,
 )
 from imageworks.chat_proxy.requests import ChatCompletionRequest, request_json
+from imageworks.chat_proxy.timing import Wait
 
 _HEADERS = {"content-type": "application/json", "accept-encoding": "identity"}
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n")
@@ -94,10 +97,12 @@ class Forwarder:
         content = request_json(body, model=target.model)
         return self._request(f"{target.base_url}/chat/completions", content, read_timeout)
 
-    async def complete(self, target: Target, body: ChatCompletionRequest) -> Completion:
+    async def complete(
+        self, target: Target, body: ChatCompletionRequest, *, wait: Wait | None = None
+    ) -> Completion:
         """POST and wait for the whole answer, within the backend timeout."""
         request = self._openai_request(target, body, self._backend_timeout_s)
-        return await self._complete(target, request)
+        return await self._complete(target, request, wait=wait)
 
     async def backend_json(
         self, target: Target, path: str, payload: dict[str, Any]
@@ -111,12 +116,18 @@ class Forwarder:
         return answer.parsed
 
     async def _complete(
-        self, target: Target, request: httpx.Request, timeout_s: float | None = None
+        self,
+        target: Target,
+        request: httpx.Request,
+        timeout_s: float | None = None,
+        *,
+        wait: Wait | None = None,
     ) -> Completion:
         timeout_s = self._backend_timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                response = await self._client.send(request)
+            with wait or contextlib.nullcontext():
+                async with asyncio.timeout(timeout_s):
+                    response = await self._client.send(request)  # the whole body, read
         except TimeoutError:
             raise BackendTimeout(
                 f"Backend {target.label} did not answer within {timeout_s:g}s.",
@@ -137,49 +148,64 @@ class Forwarder:
             )
         return Completion(response.status_code, response.content, parsed)
 
-    async def open_stream(self, target: Target, body: ChatCompletionRequest) -> UpstreamStream:
+    async def open_stream(
+        self, target: Target, body: ChatCompletionRequest, *, wait: Wait | None = None
+    ) -> UpstreamStream:
         """Send a streaming request and wait for the backend's headers (errors come before
         the client sees anything, so they keep their HTTP status)."""
         request = self._openai_request(target, body, self._idle_timeout_s)
-        response = await self._send_stream(target, request)
+        response = await self._send_stream(target, request, wait)
         return UpstreamStream(response, target, self._idle_timeout_s)
 
-    async def _send_stream(self, target: Target, request: httpx.Request) -> httpx.Response:
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise translate(exc, target) from exc
-        if response.status_code >= 400:
+    async def _send_stream(
+        self, target: Target, request: httpx.Request, wait: Wait | None
+    ) -> httpx.Response:
+        with wait or contextlib.nullcontext():  # an error's body is the backend's time too
             try:
-                content = await response.aread()
+                response = await self._client.send(request, stream=True)
             except httpx.HTTPError as exc:
                 raise translate(exc, target) from exc
-            finally:
-                await response.aclose()
-            raise upstream_error(response.status_code, content, target.label)
+            if response.status_code >= 400:
+                try:
+                    content = await response.aread()
+                except httpx.HTTPError as exc:
+                    raise translate(exc, target) from exc
+                finally:
+                    await response.aclose()
+                raise upstream_error(response.status_code, content, target.label)
         return response
 
     # -- Ollama's native /api/chat, for what its /v1 cannot do (images, tool arguments, num_ctx)
 
     async def complete_ollama(
-        self, target: Target, body: ChatCompletionRequest, num_ctx: int | None
+        self,
+        target: Target,
+        body: ChatCompletionRequest,
+        num_ctx: int | None,
+        *,
+        wait: Wait | None = None,
     ) -> Completion:
         payload = {**to_ollama_chat(body, model=target.model, num_ctx=num_ctx), "stream": False}
         content = json_bytes(payload)
         request = self._request(_ollama_chat_url(target), content, self._backend_timeout_s)
-        native = await self._complete(target, request)
+        native = await self._complete(target, request, wait=wait)
         answer = from_ollama_chat(
             native.parsed, request_model=target.model, completion_id=_completion_id()
         )
         return Completion(native.status, json_bytes(answer), answer)
 
     async def open_ollama_stream(
-        self, target: Target, body: ChatCompletionRequest, num_ctx: int | None
+        self,
+        target: Target,
+        body: ChatCompletionRequest,
+        num_ctx: int | None,
+        *,
+        wait: Wait | None = None,
     ) -> UpstreamStream:
         payload = {**to_ollama_chat(body, model=target.model, num_ctx=num_ctx), "stream": True}
         content = json_bytes(payload)
         request = self._request(_ollama_chat_url(target), content, self._idle_timeout_s)
-        response = await self._send_stream(target, request)
+        response = await self._send_stream(target, request, wait)
         options = body.stream_options
         wants_usage = options is not None and bool(options.include_usage)
         translator = OllamaStreamTranslator(target.model, _completion_id())

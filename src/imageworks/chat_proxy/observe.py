@@ -67,6 +67,11 @@ class RequestRecord:
     error: str | None  # one line
     prompt: Any = None
     response: Any = None
+    # Where the time went (see timing.py): waiting for the GPU slot, on the backend, and in the
+    # proxy itself until the answer began. None: that phase never happened (or no answer went out).
+    queue_ms: float | None = None
+    upstream_ms: float | None = None
+    proxy_ms: float | None = None
 
     def to_json_line(self, log_prompts: bool) -> str:
         usage = None
@@ -90,6 +95,9 @@ class RequestRecord:
             "usage": usage,
             # Collapse whitespace so a multi-line backend traceback stays readable with grep.
             "error": None if self.error is None else " ".join(self.error.split()),
+            "queue_ms": None if self.queue_ms is None else round(self.queue_ms, 1),
+            "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
+            "proxy_ms": None if self.proxy_ms is None else round(self.proxy_ms, 1),
         }
         if log_prompts:
             line["prompt"] = self.prompt

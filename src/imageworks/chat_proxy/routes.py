@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from imageworks.backends.base import BackendNotReady
@@ -24,8 +25,11 @@ from imageworks.chat_proxy.protocol import (
 )
 from imageworks.chat_proxy.restart import RestartControl, RestartUnavailable
 from imageworks.chat_proxy.services import Services, reload_registry
+from imageworks.chat_proxy.timing import request_timing
 
 router = APIRouter(prefix="/v1")
+# Beside the API: `/metrics` is where Prometheus looks by default.
+root_router = APIRouter()
 
 
 def _services(request: Request) -> Services:
@@ -84,19 +88,32 @@ async def chat_completions(request: Request) -> Response:
         services.chat.refused(error)
         raise
     # The response runs the whole request, and stops it the moment the client goes away.
-    return services.chat.handle(body)
+    return services.chat.handle(body, request_timing(request.scope))
+
+
+def _metrics_disabled() -> Response:
+    error: ProxyError = NotFoundError(
+        "Metrics are disabled; set CHAT_PROXY_ENABLE_METRICS=1 to enable them.",
+        code="metrics_disabled",
+    )
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     services = _services(request)
     if not services.settings.enable_metrics:
-        error: ProxyError = NotFoundError(
-            "Metrics are disabled; set CHAT_PROXY_ENABLE_METRICS=1 to enable them.",
-            code="metrics_disabled",
-        )
-        return JSONResponse(error.body(), status_code=error.status)
+        return _metrics_disabled()
     return JSONResponse({**services.metrics.snapshot(), "slot": services.slot.status()})
+
+
+# Not in the OpenAPI document: a scrape target, not part of the API (see prometheus.py).
+@root_router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    prometheus = _services(request).prometheus
+    if prometheus is None:
+        return _metrics_disabled()
+    return Response(prometheus.exposition(), headers={"content-type": CONTENT_TYPE_LATEST})
 
 
 @router.get("/openapi.json")

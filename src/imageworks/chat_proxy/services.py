@@ -34,6 +34,7 @@ from imageworks.chat_proxy.launching import launch_settings
 from imageworks.chat_proxy.normalize.request import RequestRules
 from imageworks.chat_proxy.normalize.vision import ImagePolicy
 from imageworks.chat_proxy.observe import Metrics, RequestLog
+from imageworks.chat_proxy.prometheus import PrometheusMetrics
 from imageworks.config import RegistrySettings
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.installed import HttpServedModels
@@ -53,6 +54,7 @@ class Services:
     metrics: Metrics
     state_file: StateFile
     store: RegistryStore
+    prometheus: PrometheusMetrics | None = None  # None: metrics are disabled
     started_at: float = field(default_factory=time.time)  # epoch seconds
     # New on every start: how a dashboard tells that a restart has completed.
     boot_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -118,10 +120,24 @@ async def running_services(
         stop_timeout_s=settings.vllm_stop_timeout_s,
         health_timeout_s=settings.vllm_health_timeout_s,
     )
+    prometheus = (
+        PrometheusMetrics(
+            slot_status=lambda: slot.status(),  # read at scrape time, once the slot exists
+            in_flight=lambda: metrics.in_flight,
+        )
+        if settings.enable_metrics
+        else None
+    )
+
+    def swapped(model: str, seconds: float) -> None:
+        metrics.record_swap(seconds)
+        if prometheus is not None:
+            prometheus.swap_finished(model, seconds)
+
     slot: Slot = GpuSlot(
         effects,
         Rules(drain_timeout_s=settings.drain_timeout_s, queue_timeout_s=settings.queue_timeout_s),
-        on_swap=lambda _model, seconds: metrics.record_swap(seconds),
+        on_swap=swapped,
     )
     slot.open()
     background: list[asyncio.Task[None]] = []
@@ -164,10 +180,14 @@ async def running_services(
     )
     request_log.start()
     forwarder = Forwarder(client, settings.backend_timeout_s, settings.stream_idle_timeout_s)
-    chat = ChatService(catalog, router, forwarder, request_log, metrics, chat_rules(settings))
+    chat = ChatService(
+        catalog, router, forwarder, request_log, metrics, chat_rules(settings), prometheus
+    )
     background.append(asyncio.create_task(catalog.keep_installed_states_fresh()))
     try:
-        yield Services(settings, time.monotonic(), catalog, slot, chat, metrics, state_file, store)
+        yield Services(
+            settings, time.monotonic(), catalog, slot, chat, metrics, state_file, store, prometheus
+        )
     finally:
         for task in background:
             task.cancel()
