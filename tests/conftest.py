@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.proxy_process import Workspace, processes_listening_on
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,3 +68,14 @@ def make_demo_workspace(root: Path, demo_models: Path) -> Path:
 @pytest.fixture
 def demo_registry(tmp_path: Path, demo_models: Path) -> Path:
     return make_demo_workspace(tmp_path, demo_models)
+
+
+@pytest.fixture
+def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
+    """A workspace with the demo registry, for the real console scripts; no model server on
+    its port outlives the test."""
+    make_demo_workspace(tmp_path, demo_models)
+    workspace = Workspace(tmp_path)
+    yield workspace
+    for pid in processes_listening_on(workspace.model_port):
+        os.killpg(pid, signal.SIGKILL)

@@ -12,14 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import make_demo_workspace
 from imageworks.backends.llamacpp import find_llama_server
 from support.model_servers import IGNORES_SIGTERM, SLOW_START, serve_through
 from support.proxy_process import (
@@ -42,15 +40,6 @@ def real_server() -> str:
     binary = find_llama_server(None).binary
     assert binary is not None, "llama-server is part of the demo dependencies"
     return str(binary)
-
-
-@pytest.fixture
-def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
-    make_demo_workspace(tmp_path, demo_models)
-    workspace = Workspace(tmp_path)
-    yield workspace
-    for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
-        os.killpg(pid, signal.SIGKILL)
 
 
 def state_record(ws: Workspace) -> dict[str, Any] | None:

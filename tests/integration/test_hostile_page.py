@@ -7,11 +7,8 @@ browser's: the same page with its origin trusted does stop the model."""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,9 +18,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from conftest import make_demo_workspace
 from support.browser import chromium
-from support.proxy_process import RunningProxy, Workspace, processes_listening_on
+from support.proxy_process import RunningProxy, Workspace
 from support.threaded_server import ThreadedServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -68,15 +64,6 @@ const text = {"Content-Type": "text/plain"};
 })();
 </script>
 """
-
-
-@pytest.fixture
-def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
-    make_demo_workspace(tmp_path, demo_models)
-    workspace = Workspace(tmp_path)
-    yield workspace
-    for pid in processes_listening_on(workspace.model_port):
-        os.killpg(pid, signal.SIGKILL)
 
 
 @dataclass

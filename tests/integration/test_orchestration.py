@@ -10,15 +10,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import make_demo_workspace, read_json, write_json
+from conftest import read_json, write_json
 from support.fake_ollama import FakeOllama, dead_url
 from support.proxy_process import Workspace, free_port, pid_alive, processes_listening_on
 
@@ -28,15 +26,6 @@ SMOL = "smollm2 135m (Q4 1)"
 GEMMA = "gemma3 270m (Q4 K M)"
 SMOL_ENTRY = "smollm2_135m_(Q4_1)"
 GEMMA_ENTRY = "gemma3_270m_(Q4_K_M)"
-
-
-@pytest.fixture
-def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
-    make_demo_workspace(tmp_path, demo_models)
-    workspace = Workspace(tmp_path)
-    yield workspace
-    for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
-        os.killpg(pid, signal.SIGKILL)
 
 
 def add_entries(ws: Workspace, *entries: dict[str, Any]) -> None:

@@ -18,17 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_demo_workspace
+from support.prometheus_text import PREFIX as P
+from support.prometheus_text import Series, label_sets, parse_series, value
 from support.proxy_process import RunningProxy, Workspace, processes_listening_on
 
 pytestmark = pytest.mark.timeout(180)
 
-P = "imageworks_chat_proxy_"
 SMOL = "smollm2 135m (Q4 1)"  # the demo model, as clients name it
 SMOL_ENTRY = "smollm2_135m_(Q4_1)"  # the registry entry's logical name: the `model` label
-Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @dataclass
@@ -40,22 +39,6 @@ class Traffic:
     others: dict[str, httpx.Response]  # path -> response, after the chat requests
     scrape: httpx.Response
     series: Series
-
-
-def _series(text: str) -> Series:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def _value(series: Series, name: str, **labels: str) -> float | None:
-    return series.get((P + name, frozenset(labels.items())))
-
-
-def _labelled(series: Series, name: str) -> list[dict[str, str]]:
-    return [dict(labels) for sample, labels in series if sample == P + name]
 
 
 def _server_timing(response: httpx.Response) -> dict[str, float]:
@@ -91,7 +74,7 @@ def _scrape_when_settled(proxy: RunningProxy, requests: int) -> httpx.Response:
     deadline = time.monotonic() + 10
     while True:
         scrape = httpx.get(f"{proxy.url}/metrics", timeout=10)
-        series = _series(scrape.text)
+        series = parse_series(scrape.text)
         counted = sum(value for (name, _), value in series.items() if name == P + "requests_total")
         if counted >= requests or time.monotonic() > deadline:
             return scrape
@@ -113,7 +96,9 @@ def traffic(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iter
             path: httpx.get(f"{proxy.url}{path}", timeout=10)
             for path in ("/v1/health", "/v1/models", "/v1/metrics", "/v1/nothing", "/metrics")
         }
-        yield Traffic(answer, stream, stream_usage, unknown, others, scrape, _series(scrape.text))
+        yield Traffic(
+            answer, stream, stream_usage, unknown, others, scrape, parse_series(scrape.text)
+        )
     finally:
         proxy.terminate()
         for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
@@ -130,25 +115,25 @@ def test_metrics_counts_requests_by_model_backend_and_status(traffic: Traffic) -
     assert traffic.unknown.status_code == 404
     ok = {"model": SMOL_ENTRY, "backend": "llamacpp", "status": "200", "outcome": "ok"}
     unknown = {"model": "(unknown)", "backend": "(none)", "status": "404", "outcome": "error"}
-    labelled = _labelled(traffic.series, "requests_total")
+    labelled = label_sets(traffic.series, "requests_total")
     assert len(labelled) == 2
     assert ok in labelled
     assert unknown in labelled
-    assert _value(traffic.series, "requests_total", **ok) == 2
-    assert _value(traffic.series, "requests_total", **unknown) == 1
+    assert value(traffic.series, "requests_total", **ok) == 2
+    assert value(traffic.series, "requests_total", **unknown) == 1
 
 
 def test_metrics_duration_and_ttft_histograms_count_the_requests(traffic: Traffic) -> None:
     series = traffic.series
     smol = {"model": SMOL_ENTRY, "backend": "llamacpp"}
-    assert _value(series, "request_duration_seconds_count", **smol) == 2
-    assert _value(series, "request_duration_seconds_bucket", **smol, le="+Inf") == 2
-    duration = _value(series, "request_duration_seconds_sum", **smol)
+    assert value(series, "request_duration_seconds_count", **smol) == 2
+    assert value(series, "request_duration_seconds_bucket", **smol, le="+Inf") == 2
+    duration = value(series, "request_duration_seconds_sum", **smol)
     assert duration is not None
     assert duration > 0
-    assert _value(series, "request_duration_seconds_count", model="(unknown)", backend="(none)")
-    assert _value(series, "time_to_first_token_seconds_count", model=SMOL_ENTRY) == 1  # the stream
-    assert _value(series, "overhead_seconds_count", backend="llamacpp") == 2
+    assert value(series, "request_duration_seconds_count", model="(unknown)", backend="(none)")
+    assert value(series, "time_to_first_token_seconds_count", model=SMOL_ENTRY) == 1  # the stream
+    assert value(series, "overhead_seconds_count", backend="llamacpp") == 2
 
 
 def test_metrics_tokens_are_the_usage_the_answers_reported(traffic: Traffic) -> None:
@@ -156,22 +141,22 @@ def test_metrics_tokens_are_the_usage_the_answers_reported(traffic: Traffic) -> 
     for kind in ("prompt", "completion"):
         reported = sum(usage[f"{kind}_tokens"] for usage in usages)
         assert reported > 0
-        assert _value(traffic.series, "tokens_total", model=SMOL_ENTRY, kind=kind) == reported
+        assert value(traffic.series, "tokens_total", model=SMOL_ENTRY, kind=kind) == reported
 
 
 def test_metrics_gauges_show_the_slot_after_the_requests(traffic: Traffic) -> None:
     series = traffic.series
-    assert _value(series, "requests_in_flight") == 0
-    assert _value(series, "slot_active_requests") == 0
-    assert _labelled(series, "queue_length") == []
-    assert _labelled(series, "slot_holder") == [{"model": SMOL_ENTRY}]
-    assert _value(series, "slot_holder", model=SMOL_ENTRY) == 1
-    assert _value(series, "slot_phase", phase="ready") == 1
-    assert _value(series, "slot_phase", phase="starting") == 0
-    swaps = _value(series, "swaps_total", model=SMOL_ENTRY)
+    assert value(series, "requests_in_flight") == 0
+    assert value(series, "slot_active_requests") == 0
+    assert label_sets(series, "queue_length") == []
+    assert label_sets(series, "slot_holder") == [{"model": SMOL_ENTRY}]
+    assert value(series, "slot_holder", model=SMOL_ENTRY) == 1
+    assert value(series, "slot_phase", phase="ready") == 1
+    assert value(series, "slot_phase", phase="starting") == 0
+    swaps = value(series, "swaps_total", model=SMOL_ENTRY)
     assert swaps is not None
     assert swaps >= 1
-    assert _value(series, "swap_duration_seconds_count", model=SMOL_ENTRY) == swaps
+    assert value(series, "swap_duration_seconds_count", model=SMOL_ENTRY) == swaps
 
 
 def test_server_timing_of_answers_splits_queue_upstream_and_proxy(traffic: Traffic) -> None:
@@ -181,7 +166,7 @@ def test_server_timing_of_answers_splits_queue_upstream_and_proxy(traffic: Traff
         assert timing["upstream"] > 0
         assert timing["proxy"] >= 0
     # The first answer waited for the model to start: the swap is inside its queue time.
-    swap_s = _value(traffic.series, "swap_duration_seconds_sum", model=SMOL_ENTRY)
+    swap_s = value(traffic.series, "swap_duration_seconds_sum", model=SMOL_ENTRY)
     assert swap_s is not None
     assert _server_timing(traffic.answer)["queue"] >= swap_s * 1000 - 1
 

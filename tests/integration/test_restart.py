@@ -10,15 +10,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import make_demo_workspace
 from imageworks.backends.llamacpp import find_llama_server
 from support.model_servers import SLOW_START, serve_through
 from support.proxy_process import RunningProxy, Workspace, pid_alive, processes_listening_on
@@ -28,15 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 SMOL = "smollm2 135m (Q4 1)"
 SMOL_ENTRY = "smollm2_135m_(Q4_1)"
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
-    make_demo_workspace(tmp_path, demo_models)
-    workspace = Workspace(tmp_path)
-    yield workspace
-    for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
-        os.killpg(pid, signal.SIGKILL)
 
 
 def overview(proxy: RunningProxy) -> dict[str, Any]:

@@ -7,15 +7,12 @@ import dataclasses
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from imageworks.chat_proxy.observe import RequestRecord
 from imageworks.chat_proxy.prometheus import SLOT_PHASES, PrometheusMetrics
+from support.prometheus_text import Series, label_sets, parse_series, value
 
 pytestmark = pytest.mark.timeout(10)
-
-P = "imageworks_chat_proxy_"
-Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def _record(**changes: Any) -> RequestRecord:
@@ -51,20 +48,7 @@ def _prometheus(slot: dict[str, object] | None = None, in_flight: int = 0) -> Pr
 
 
 def _scrape(prometheus: PrometheusMetrics) -> Series:
-    text = prometheus.exposition().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def _value(series: Series, name: str, **labels: str) -> float | None:
-    return series.get((P + name, frozenset(labels.items())))
-
-
-def _names(series: Series, name: str) -> list[dict[str, str]]:
-    return [dict(labels) for sample, labels in series if sample == P + name]
+    return parse_series(prometheus.exposition().decode())
 
 
 def test_prometheus_counts_requests_by_model_backend_status_and_outcome() -> None:
@@ -74,8 +58,8 @@ def test_prometheus_counts_requests_by_model_backend_status_and_outcome() -> Non
     prometheus.request_finished(_record(status=502, outcome="error"))
     series = _scrape(prometheus)
     ok = {"model": "llama-3-8b", "backend": "llamacpp", "status": "200", "outcome": "ok"}
-    assert _value(series, "requests_total", **ok) == 2
-    assert _value(series, "requests_total", **{**ok, "status": "502", "outcome": "error"}) == 1
+    assert value(series, "requests_total", **ok) == 2
+    assert value(series, "requests_total", **{**ok, "status": "502", "outcome": "error"}) == 1
 
 
 def test_prometheus_duration_histogram_counts_and_sums_in_seconds() -> None:
@@ -84,12 +68,12 @@ def test_prometheus_duration_histogram_counts_and_sums_in_seconds() -> None:
         prometheus.request_finished(_record(latency_ms=latency_ms))
     series = _scrape(prometheus)
     labels = {"model": "llama-3-8b", "backend": "llamacpp"}
-    assert _value(series, "request_duration_seconds_count", **labels) == 3
-    assert _value(series, "request_duration_seconds_sum", **labels) == pytest.approx(46.58)
-    assert _value(series, "request_duration_seconds_bucket", **labels, le="0.1") == 1
-    assert _value(series, "request_duration_seconds_bucket", **labels, le="2.5") == 2
-    assert _value(series, "request_duration_seconds_bucket", **labels, le="60.0") == 3
-    assert _value(series, "request_duration_seconds_bucket", **labels, le="+Inf") == 3
+    assert value(series, "request_duration_seconds_count", **labels) == 3
+    assert value(series, "request_duration_seconds_sum", **labels) == pytest.approx(46.58)
+    assert value(series, "request_duration_seconds_bucket", **labels, le="0.1") == 1
+    assert value(series, "request_duration_seconds_bucket", **labels, le="2.5") == 2
+    assert value(series, "request_duration_seconds_bucket", **labels, le="60.0") == 3
+    assert value(series, "request_duration_seconds_bucket", **labels, le="+Inf") == 3
 
 
 def test_prometheus_ttft_is_observed_for_streams_from_ten_milliseconds() -> None:
@@ -98,10 +82,10 @@ def test_prometheus_ttft_is_observed_for_streams_from_ten_milliseconds() -> None
     prometheus.request_finished(_record(stream=True, ttft_ms=400.0))
     prometheus.request_finished(_record())  # not a stream: no time to first token
     series = _scrape(prometheus)
-    assert _value(series, "time_to_first_token_seconds_count", model="llama-3-8b") == 2
-    ttft_s = _value(series, "time_to_first_token_seconds_sum", model="llama-3-8b")
+    assert value(series, "time_to_first_token_seconds_count", model="llama-3-8b") == 2
+    ttft_s = value(series, "time_to_first_token_seconds_sum", model="llama-3-8b")
     assert ttft_s == pytest.approx(0.408)
-    assert _value(series, "time_to_first_token_seconds_bucket", model="llama-3-8b", le="0.01") == 1
+    assert value(series, "time_to_first_token_seconds_bucket", model="llama-3-8b", le="0.01") == 1
 
 
 def test_prometheus_tokens_add_up_by_kind_and_skip_unknown_counts() -> None:
@@ -109,8 +93,8 @@ def test_prometheus_tokens_add_up_by_kind_and_skip_unknown_counts() -> None:
     prometheus.request_finished(_record(prompt_tokens=10, completion_tokens=20))
     prometheus.request_finished(_record(prompt_tokens=5, completion_tokens=None))
     series = _scrape(prometheus)
-    assert _value(series, "tokens_total", model="llama-3-8b", kind="prompt") == 15
-    assert _value(series, "tokens_total", model="llama-3-8b", kind="completion") == 20
+    assert value(series, "tokens_total", model="llama-3-8b", kind="prompt") == 15
+    assert value(series, "tokens_total", model="llama-3-8b", kind="completion") == 20
 
 
 def test_prometheus_unknown_model_names_collapse_into_one_label_value() -> None:
@@ -119,11 +103,11 @@ def test_prometheus_unknown_model_names_collapse_into_one_label_value() -> None:
         unresolved = _record(model_requested=name, model_resolved=None, backend=None)
         prometheus.request_finished(dataclasses.replace(unresolved, status=404, outcome="error"))
     series = _scrape(prometheus)
-    assert _names(series, "requests_total") == [
+    assert label_sets(series, "requests_total") == [
         {"model": "(unknown)", "backend": "(none)", "status": "404", "outcome": "error"}
     ]
-    assert _value(series, "request_duration_seconds_count", model="(unknown)", backend="(none)")
-    assert _value(series, "requests_total", **_names(series, "requests_total")[0]) == 4
+    assert value(series, "request_duration_seconds_count", model="(unknown)", backend="(none)")
+    assert value(series, "requests_total", **label_sets(series, "requests_total")[0]) == 4
 
 
 def test_prometheus_overhead_is_observed_only_for_requests_that_were_answered() -> None:
@@ -131,10 +115,10 @@ def test_prometheus_overhead_is_observed_only_for_requests_that_were_answered() 
     prometheus.request_finished(_record(proxy_ms=1.5))
     prometheus.request_finished(_record(proxy_ms=None, status=499, outcome="cancelled"))
     series = _scrape(prometheus)
-    assert _value(series, "overhead_seconds_count", backend="llamacpp") == 1
-    assert _value(series, "overhead_seconds_sum", backend="llamacpp") == pytest.approx(0.0015)
-    assert _value(series, "overhead_seconds_bucket", backend="llamacpp", le="0.0025") == 1
-    assert _value(series, "overhead_seconds_bucket", backend="llamacpp", le="0.001") == 0
+    assert value(series, "overhead_seconds_count", backend="llamacpp") == 1
+    assert value(series, "overhead_seconds_sum", backend="llamacpp") == pytest.approx(0.0015)
+    assert value(series, "overhead_seconds_bucket", backend="llamacpp", le="0.0025") == 1
+    assert value(series, "overhead_seconds_bucket", backend="llamacpp", le="0.001") == 0
 
 
 def test_prometheus_swaps_count_and_time_model_starts() -> None:
@@ -142,10 +126,10 @@ def test_prometheus_swaps_count_and_time_model_starts() -> None:
     prometheus.swap_finished("smollm2", 4.0)
     prometheus.swap_finished("smollm2", 6.0)
     series = _scrape(prometheus)
-    assert _value(series, "swaps_total", model="smollm2") == 2
-    assert _value(series, "swap_duration_seconds_count", model="smollm2") == 2
-    assert _value(series, "swap_duration_seconds_sum", model="smollm2") == 10
-    assert _value(series, "swap_duration_seconds_bucket", model="smollm2", le="5.0") == 1
+    assert value(series, "swaps_total", model="smollm2") == 2
+    assert value(series, "swap_duration_seconds_count", model="smollm2") == 2
+    assert value(series, "swap_duration_seconds_sum", model="smollm2") == 10
+    assert value(series, "swap_duration_seconds_bucket", model="smollm2", le="5.0") == 1
 
 
 def test_prometheus_slot_gauges_are_read_at_scrape_time() -> None:
@@ -155,21 +139,21 @@ def test_prometheus_slot_gauges_are_read_at_scrape_time() -> None:
     slot.update(holder="smollm2", state="ready", active_requests=2, waiting={"gemma": 2})
     after = _scrape(prometheus)
 
-    assert _names(before, "slot_holder") == []
-    assert _value(before, "slot_phase", phase="empty") == 1
-    assert _names(before, "queue_length") == []
+    assert label_sets(before, "slot_holder") == []
+    assert value(before, "slot_phase", phase="empty") == 1
+    assert label_sets(before, "queue_length") == []
 
-    assert _value(after, "requests_in_flight") == 3
-    assert _value(after, "slot_active_requests") == 2
-    assert _value(after, "queue_length", model="gemma") == 2
-    assert _names(after, "slot_holder") == [{"model": "smollm2"}]
-    assert _value(after, "slot_holder", model="smollm2") == 1
-    phases = {phase: _value(after, "slot_phase", phase=phase) for phase in SLOT_PHASES}
+    assert value(after, "requests_in_flight") == 3
+    assert value(after, "slot_active_requests") == 2
+    assert value(after, "queue_length", model="gemma") == 2
+    assert label_sets(after, "slot_holder") == [{"model": "smollm2"}]
+    assert value(after, "slot_holder", model="smollm2") == 1
+    phases = {phase: value(after, "slot_phase", phase=phase) for phase in SLOT_PHASES}
     assert phases == {"empty": 0, "starting": 0, "ready": 1, "stopping": 0, "stuck": 0}
 
 
 def test_prometheus_each_instance_has_a_registry_of_its_own() -> None:
     counted, other = _prometheus(), _prometheus()
     counted.request_finished(_record())
-    assert _names(_scrape(counted), "requests_total")
-    assert _names(_scrape(other), "requests_total") == []
+    assert label_sets(_scrape(counted), "requests_total")
+    assert label_sets(_scrape(other), "requests_total") == []

@@ -20,6 +20,7 @@ _TCP_LISTEN = "0A"
 
 class _Stat(NamedTuple):
     state: str
+    ppid: int
     pgrp: int
     start: int
 
@@ -33,7 +34,13 @@ def _read_stat(pid: int) -> _Stat | None:
         return None
     # "pid (comm) state ppid pgrp ...": comm may hold spaces and ')', so split at the last ')'.
     rest = raw.rpartition(b")")[2].split()
-    return _Stat(rest[0].decode("ascii"), int(rest[2]), int(rest[19]))
+    return _Stat(rest[0].decode("ascii"), int(rest[1]), int(rest[2]), int(rest[19]))
+
+
+def parent_pid(pid: int) -> int | None:
+    """The pid of the process's parent; None if it does not exist."""
+    stat = _read_stat(pid)
+    return stat.ppid if stat is not None else None
 
 
 def process_start_ticks(pid: int) -> int | None:

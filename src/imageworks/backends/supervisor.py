@@ -152,6 +152,7 @@ class ServerProcess:
         self.pid = pid
         self.start_ticks = start_ticks
         self._child = child  # set when we spawned it: we reap it, and know its exit code
+        self._inherited = False  # our child all the same: see `inherited_by_exec`
         # Group members seen while the leader lived, swept (each re-checked) once it is gone.
         self._members: dict[int, int] = {}
 
@@ -177,13 +178,20 @@ class ServerProcess:
             return False
         if self._child is not None:
             return self._child.poll() is not None
-        # Adopted. After a restart by exec, the model server left running is still our child
-        # (the pid did not change): reap it, or it stays a zombie for the proxy's lifetime.
+        if not self._inherited:
+            return True  # its parent reaps it
         try:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:  # not our child: its parent reaps it
+        except ChildProcessError:  # reaped already
             return True
         return pid != 0
+
+    def inherited_by_exec(self) -> None:
+        """This program replaced (exec) the one that spawned the process, as a restart does:
+        it is our child with no Popen to reap it, so `_gone` reaps it (else it would stay a
+        zombie for the proxy's lifetime). Only then: reaping another's child steals its exit
+        status from whoever spawned it."""
+        self._inherited = True
 
     async def wait_exit(self, timeout_s: float) -> bool:
         """True once the process has exited, False if it still runs after `timeout_s`."""

@@ -53,13 +53,24 @@ class RestartControl:
             self._begin()
 
 
+_restarted = False  # set once, before the app starts, by `listening_socket`
+
+
+def restarted_by_exec() -> bool:
+    """Whether this program replaced a restarting proxy in the same process (so the model
+    server it left running, if any, is our child)."""
+    return _restarted
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """The socket to serve on: the one a restarting predecessor handed over, else a new one
     bound as uvicorn would bind it."""
+    global _restarted
     inherited = os.environ.pop(LISTEN_FD_ENV, None)
     if inherited is not None and inherited.isdigit():
         sock = socket.socket(fileno=int(inherited))
         sock.set_inheritable(False)
+        _restarted = True
         return sock
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

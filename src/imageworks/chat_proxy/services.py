@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from imageworks.backends.managed import (
     find_running_server,
 )
 from imageworks.backends.ollama import OllamaManager
+from imageworks.backends.procfs import parent_pid
 from imageworks.backends.router import BackendRouter, launch_spec
 from imageworks.backends.slot import Rules
 from imageworks.backends.state import StateFile
@@ -35,6 +37,7 @@ from imageworks.chat_proxy.normalize.request import RequestRules
 from imageworks.chat_proxy.normalize.vision import ImagePolicy
 from imageworks.chat_proxy.observe import Metrics, RequestLog
 from imageworks.chat_proxy.prometheus import PrometheusMetrics
+from imageworks.chat_proxy.restart import restarted_by_exec
 from imageworks.config import RegistrySettings
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.installed import HttpServedModels
@@ -148,6 +151,8 @@ async def running_services(
             log.warning("cannot read the state file %s: %s", state_file.path, exc)
             adoption = None
         if adoption is not None:
+            if restarted_by_exec() and parent_pid(adoption.process.pid) == os.getpid():
+                adoption.process.inherited_by_exec()
             ttl = idle_ttl(adoption.plan.entry) if adoption.plan is not None else None
             slot.adopt(
                 adoption.key,
