@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
+from imageworks.chat_proxy.dashboard import dashboard_router
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
 from imageworks.chat_proxy.routes import router
@@ -44,6 +45,7 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
         openapi_url=None,
     )
     app.include_router(router)
+    app.include_router(dashboard_router())
     # FastAPI's own document cannot see what the chat route reads itself: ours is written out.
     app.state.openapi = json_bytes(openapi_document(app.version))
 
