@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
@@ -42,8 +44,9 @@ class FakeEffects:
     def gate(self, model: str) -> asyncio.Event:
         return self.gates.setdefault(model, asyncio.Event())
 
-    async def start(self, key: str, plan: str) -> FakeModel:
+    async def start(self, key: str, plan: str, *, progress: Callable[[str], None]) -> FakeModel:
         self.events.append(f"start {key}")
+        progress(f"loading {key}")
         try:
             await self.gate(key).wait()
         except asyncio.CancelledError:
@@ -428,3 +431,64 @@ async def test_slot_shutdown_answers_waiters_at_once_and_stops_the_holder_at_clo
         assert effects.events == ["start a"]  # the running request keeps its model
     await slot.close(stop_holder=True, timeout_s=5)
     assert effects.events == ["start a", "stop a"]
+
+
+async def test_slot_status_tells_what_it_is_doing_and_since_when() -> None:
+    effects = FakeEffects()
+    effects.gate("a").set()
+    slot = new_slot(effects)
+    assert slot.status()["activity"] == "idle"
+    before = time.time()
+    release = asyncio.Event()
+
+    async def use(model: str) -> None:
+        async with hold(slot, model):
+            await release.wait()
+
+    first = asyncio.create_task(use("a"))
+    await settle()
+    serving = slot.status()
+    assert serving["activity"] == "serving"
+    assert serving["holder"] == "a"
+    assert isinstance(serving["holder_since"], float)
+    assert serving["holder_since"] >= before
+    swaps = serving["last_swaps"]
+    assert isinstance(swaps, list)
+    assert [swap["model"] for swap in swaps] == ["a"]
+    assert swaps[0]["duration_s"] >= 0
+    assert swaps[0]["at"] >= before
+
+    second = asyncio.create_task(use("b"))  # b must wait for a's request: draining
+    await settle()
+    assert slot.status()["activity"] == "draining"
+    assert slot.status()["waiting"] == {"b": 1}
+    release.set()
+    await settle()
+    starting = slot.status()
+    assert starting["state"] == "starting"
+    assert starting["activity"] == "loading b"  # the step the start effect reported
+    assert starting["holder_since"] is None
+    effects.gate("b").set()
+    await asyncio.gather(first, second)
+    done = slot.status()
+    assert done["holder"] == "b"
+    swaps = done["last_swaps"]
+    assert isinstance(swaps, list)
+    assert [swap["model"] for swap in swaps] == ["a", "b"]
+    assert done["phase_since"] >= starting["phase_since"]  # type: ignore[operator]
+
+
+async def test_slot_status_dates_the_last_error_and_names_its_model() -> None:
+    effects = FakeEffects(failing={"a"})
+    effects.gate("a").set()
+    slot = new_slot(effects)
+    before = time.time()
+    with pytest.raises(BackendNotReady):
+        async with hold(slot, "a"):
+            pass
+    await settle()
+    status = slot.status()
+    assert "weights missing" in str(status["last_error"])
+    assert status["last_error_model"] == "a"
+    assert isinstance(status["last_error_at"], float)
+    assert status["last_error_at"] >= before

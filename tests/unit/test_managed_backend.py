@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,9 @@ class FakeServer:
 class RecordingEffects:
     started: list[tuple[str, ...]] = field(default_factory=list)
 
-    async def start(self, key: HolderKey, plan: Plan) -> FakeServer:
+    async def start(
+        self, key: HolderKey, plan: Plan, *, progress: Callable[[str], None]
+    ) -> FakeServer:
         assert isinstance(plan, LaunchPlan)
         self.started.append(plan.spec.argv)
         return FakeServer(plan.spec.argv)

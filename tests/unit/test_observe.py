@@ -531,3 +531,39 @@ def test_metrics_remembers_last_swap() -> None:
     assert last_swap["duration_s"] == 12.5
     assert last_swap["at"].endswith("Z")
     assert datetime.fromisoformat(last_swap["at"]).tzinfo == UTC
+
+
+def test_metrics_recent_lists_the_newest_requests_first_with_what_the_user_got() -> None:
+    metrics = Metrics()
+    metrics.request_finished(_record("a", status=200, latency_ms=1000.0, completion_tokens=7))
+    metrics.request_finished(
+        _record("b", status=502, outcome="error", stream=True, ttft_ms=12.34, completion_tokens=0)
+    )
+    recent = metrics.recent(limit=5)
+    assert [item["status"] for item in recent] == [502, 200]
+    assert recent[0] == {
+        "at": recent[0]["at"],
+        "model": "llama-3-8b",
+        "status": 502,
+        "outcome": "error",
+        "stream": True,
+        "latency_ms": 1234.6,
+        "ttft_ms": 12.3,
+        "completion_tokens": 0,
+    }
+    # The end of the request: its start (2023-11-14T22:13:20.123Z) plus its latency.
+    assert recent[1]["at"] == "2023-11-14T22:13:21.123Z"
+    assert len(metrics.recent(limit=1)) == 1
+
+
+def test_metrics_series_buckets_requests_by_when_they_finished() -> None:
+    metrics = Metrics()
+    start = 1_700_000_000.0  # a multiple of 10
+    for offset, latency, tokens in ((1.0, 100.0, 5), (2.0, 300.0, 7), (15.0, 50.0, None)):
+        metrics.request_finished(
+            _record(started_at=start + offset, latency_ms=latency, completion_tokens=tokens)
+        )
+    assert metrics.series(bucket_s=10.0) == [
+        {"at": start, "requests": 2, "mean_latency_ms": 200.0, "completion_tokens": 12},
+        {"at": start + 10, "requests": 1, "mean_latency_ms": 50.0, "completion_tokens": 0},
+    ]

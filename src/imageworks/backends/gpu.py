@@ -59,6 +59,7 @@ from imageworks.backends.slot import (
 log = logging.getLogger("imageworks.backends.gpu")
 
 _HISTORY = 200
+_SWAPS_KEPT = 10
 _CUT_SHORT_KEPT = 64  # generations whose "why were my requests cut short" is remembered
 
 
@@ -90,9 +91,10 @@ class StartLeftover(BackendNotReady):
 
 
 class SlotEffects(Protocol[K_in, P_in, H]):
-    async def start(self, key: K_in, plan: P_in) -> H:
+    async def start(self, key: K_in, plan: P_in, *, progress: Callable[[str], None]) -> H:
         """Start the holder for `key`; BackendNotReady with the reason if it cannot be. A start
-        that fails (or is cancelled) after spawning kills what it spawned first."""
+        that fails (or is cancelled) after spawning kills what it spawned first. `progress`
+        names each step as it begins ("waiting for health"), for people watching the slot."""
         ...
 
     async def check_adopted(self, holder: H) -> None:
@@ -103,6 +105,15 @@ class SlotEffects(Protocol[K_in, P_in, H]):
     async def stop(self, holder: H) -> None:
         """Stop the holder; raise if it is still running afterwards."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class StartProgress:
+    """A start effect's report of the step it has reached: shown in the status, never decided
+    on (the pure table does not see it)."""
+
+    generation: int
+    step: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +144,9 @@ class GpuSlot(Generic[K, P, H]):
         self._rules = rules or Rules()
         self._on_swap = on_swap
         self._state = SlotState()
-        self._inbox: asyncio.Queue[tuple[Message, asyncio.Future[Any] | None]] = asyncio.Queue()
+        self._inbox: asyncio.Queue[tuple[Message | StartProgress, asyncio.Future[Any] | None]] = (
+            asyncio.Queue()
+        )
         self._ids = itertools.count()
         # Everything below is written by the owner task only.
         self._waiting: dict[int, asyncio.Future[Any]] = {}
@@ -144,6 +157,14 @@ class GpuSlot(Generic[K, P, H]):
         self._history: deque[tuple[float, str, str]] = deque(maxlen=_HISTORY)
         self._last_swap_s: float | None = None
         self._owner: asyncio.Task[None] | None = None
+        # For the status only (wall-clock times): since when the current phase (and holder) is
+        # what it is, the step a start has reached, the last swaps and when the error arose.
+        self._phase: tuple[int, Phase] | None = None
+        self._phase_since = time.time()
+        self._holder_since: float | None = None
+        self._start_step: str | None = None
+        self._swaps: deque[tuple[float, str, float]] = deque(maxlen=_SWAPS_KEPT)
+        self._error: tuple[float, str] | None = None  # (when, model) of state.last_error
 
     # -- the front door -----------------------------------------------------------------------
 
@@ -253,19 +274,44 @@ class GpuSlot(Generic[K, P, H]):
             "starting": str(current.key) if current and not has_process else None,
             "pid": current.holder.pid if current and current.holder is not None else None,
             "state": current.phase.value if current is not None else "empty",
+            "activity": self._activity(),
+            "phase_since": self._phase_since,
+            "holder_since": self._holder_since if has_process else None,
             "active_requests": len(current.leases) if current is not None else 0,
             "waiting": waiting,
             "swaps": state.swaps,
+            "last_swaps": [
+                {"at": at, "model": model, "duration_s": round(seconds, 3)}
+                for at, model, seconds in self._swaps
+            ],
             "last_error": state.last_error,
+            "last_error_at": self._error[0] if self._error and state.last_error else None,
+            "last_error_model": self._error[1] if self._error and state.last_error else None,
             # (wall-clock time, event, model): every start and stop, oldest first
             "history": [
                 {"at": at, "event": event, "model": model} for at, event, model in self._history
             ],
         }
 
+    def _activity(self) -> str:
+        """What the slot is doing, in words: idle, serving, draining (a swap or stop waits for
+        the holder's requests), stopping, stuck, or the step a start has reached."""
+        state, current = self._state, self._state.current
+        if current is None:
+            return "idle"
+        if current.phase is Phase.STARTING:
+            return self._start_step or "starting"
+        if current.phase is Phase.READY:
+            if any(waiter.key != current.key for waiter in state.queue):
+                return "draining"
+            return "serving" if current.leases else "idle"
+        return str(current.phase.value)  # stopping, stuck
+
     # -- the owner ------------------------------------------------------------------------------
 
-    def _post(self, message: Message, reply: asyncio.Future[Any] | None = None) -> None:
+    def _post(
+        self, message: Message | StartProgress, reply: asyncio.Future[Any] | None = None
+    ) -> None:
         self._inbox.put_nowait((message, reply))
 
     async def _run(self) -> None:
@@ -285,7 +331,14 @@ class GpuSlot(Generic[K, P, H]):
             if not reply.done():
                 reply.set_exception(BackendNotReady("the proxy is shutting down"))
 
-    def _receive(self, message: Message, reply: asyncio.Future[Any] | None, now: float) -> None:
+    def _receive(
+        self, message: Message | StartProgress, reply: asyncio.Future[Any] | None, now: float
+    ) -> None:
+        if isinstance(message, StartProgress):
+            current = self._state.current
+            if current is not None and current.generation == message.generation:
+                self._start_step = message.step
+            return
         if isinstance(message, Wanted) and reply is not None:
             self._waiting[message.waiter.id] = reply
             self._notice_death(message.waiter.key)
@@ -293,9 +346,34 @@ class GpuSlot(Generic[K, P, H]):
             self._effect_tasks.pop(message.generation, None)
         if isinstance(message, Started) and message.generation in self._started_at:
             self._last_swap_s = now - self._started_at.pop(message.generation)
-            if self._on_swap is not None and self._state.current is not None:
-                self._on_swap(str(self._state.current.key), self._last_swap_s)
+            if self._state.current is not None:
+                model = str(self._state.current.key)
+                self._swaps.append((time.time(), model, self._last_swap_s))
+                if self._on_swap is not None:
+                    self._on_swap(model, self._last_swap_s)
+        error_before = self._state.last_error
         self._apply(message, now)
+        self._note_phase(error_before)
+
+    def _note_phase(self, error_before: str | None) -> None:
+        """Stamp phase changes (and a new error) with the wall-clock time, for the status."""
+        current = self._state.current
+        phase = (current.generation, current.phase) if current is not None else None
+        if phase != self._phase:
+            self._phase, self._phase_since = phase, time.time()
+            if current is None or current.phase is not Phase.STARTING:
+                self._start_step = None
+            if current is not None and current.phase is Phase.READY:
+                self._holder_since = self._phase_since
+            elif current is None:
+                self._holder_since = None
+        error = self._state.last_error
+        if error is not None and error != error_before:
+            model = str(current.key) if current is not None else self._last_model()
+            self._error = (time.time(), model)
+
+    def _last_model(self) -> str:
+        return self._history[-1][2] if self._history else ""
 
     def _notice_death(self, key: Hashable | None) -> None:
         """A request for the holder finds out whether its process still lives (pid and start
@@ -363,7 +441,11 @@ class GpuSlot(Generic[K, P, H]):
     # -- effects, each reporting back exactly once ------------------------------------------------
 
     async def _start(self, generation: int, key: K, plan: P) -> None:
-        await self._report_start(generation, f"starting {key}", self._effects.start(key, plan))
+        def progress(step: str) -> None:
+            self._post(StartProgress(generation, step))
+
+        started = self._effects.start(key, plan, progress=progress)
+        await self._report_start(generation, f"starting {key}", started)
 
     async def _check_adopted(self, generation: int, holder: H) -> None:
         async def checked() -> H:

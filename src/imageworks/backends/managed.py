@@ -134,21 +134,28 @@ class GpuEffects:
         self._health_timeout_s = health_timeout_s or start_timeout_s
         self._owner = owner
 
-    async def start(self, key: HolderKey, plan: Plan) -> GpuHolder:
+    async def start(
+        self, key: HolderKey, plan: Plan, *, progress: Callable[[str], None] | None = None
+    ) -> GpuHolder:
+        step = progress or (lambda _: None)
         if isinstance(plan, OllamaPlan):
             self._ollama_roots.add(plan.root_url)
+            step("asking Ollama")
             await self._ollama(plan.root_url).version()  # unreachable: 503, and nothing swapped
             return OllamaHolder(plan.root_url)
         if plan is None:
             raise BackendNotReady(f"{key}: no registry entry can start it")
+        step("unloading Ollama")
         await self._free_ollama_vram()
         name = plan.entry.name
+        step("spawning")
         try:
             process = await spawn(plan.spec)
         except StartError as exc:
             raise BackendNotReady(f"{name} could not be started: {exc}") from exc
         try:
             await self._record(process, plan.entry, "starting")
+            step("waiting for health")
             await wait_healthy(process, self._start_timeout_s)
             await self._set_phase(process, "ready")
         except BaseException as exc:  # cancellation included: never leave it running

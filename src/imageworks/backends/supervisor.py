@@ -175,7 +175,15 @@ class ServerProcess:
         own child is gone once it can be reaped."""
         if self.is_alive():
             return False
-        return self._child is None or self._child.poll() is not None
+        if self._child is not None:
+            return self._child.poll() is not None
+        # Adopted. After a restart by exec, the model server left running is still our child
+        # (the pid did not change): reap it, or it stays a zombie for the proxy's lifetime.
+        try:
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # not our child: its parent reaps it
+            return True
+        return pid != 0
 
     async def wait_exit(self, timeout_s: float) -> bool:
         """True once the process has exited, False if it still runs after `timeout_s`."""

@@ -7,6 +7,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -18,6 +19,7 @@ from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_sett
 from imageworks.chat_proxy.dashboard import dashboard_router
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
+from imageworks.chat_proxy.restart import RestartControl, SocketHandover, listening_socket
 from imageworks.chat_proxy.routes import router
 from imageworks.chat_proxy.services import running_services
 from imageworks.config import RegistrySettings
@@ -46,6 +48,7 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
     )
     app.include_router(router)
     app.include_router(dashboard_router())
+    app.state.restart = RestartControl(settings.restart_mode)
     # FastAPI's own document cannot see what the chat route reads itself: ours is written out.
     app.state.openapi = json_bytes(openapi_document(app.version))
 
@@ -102,7 +105,18 @@ def main() -> int:
     except RegistryError as exc:
         print(f"imageworks-chat-proxy: {exc}", file=sys.stderr)
         return 1
+    try:
+        sock = listening_socket(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"imageworks-chat-proxy: cannot listen on {settings.host}:{settings.port}: "
+            f"{exc.strerror or exc} (set CHAT_PROXY_HOST / CHAT_PROXY_PORT)",
+            file=sys.stderr,
+        )
+        return 1
     app = create_app(settings, registry)
+    restart: RestartControl = app.state.restart
+    handover = SocketHandover(sock)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -110,24 +124,50 @@ def main() -> int:
         log_level="info",
         timeout_graceful_shutdown=int(settings.vllm_stop_timeout_s) + 15,
     )
-    _Server(config, on_shutdown=lambda: _begin_shutdown(app)).run()
+    server = _Server(config, on_shutdown=lambda: _begin_shutdown(app, handover, server))
+
+    def begin_restart() -> None:
+        # A restart waits for the requests in flight as a swap does, however long they take.
+        config.timeout_graceful_shutdown = int(settings.drain_timeout_s) + 15
+        server.should_exit = True
+
+    restart.attach(begin_restart)
+    server.run(sockets=[sock])
+    if restart.requested and not server.signalled:
+        if restart.mode == "exec":
+            handover.exec_again()  # does not return
+        log.info("restart: exiting for the supervisor (Docker, systemd) to start the proxy again")
+    handover.release()
     return 0
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, telling the GPU slot the moment shutdown begins: requests waiting for a model
-    are answered at once instead of holding the graceful shutdown until they time out."""
+    """uvicorn, telling the app the moment shutdown begins (see `_begin_shutdown`), and
+    remembering whether a signal (not a restart) stopped it."""
 
     def __init__(self, config: uvicorn.Config, *, on_shutdown: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_shutdown = on_shutdown
+        self.signalled = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.signalled = True
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._on_shutdown()
         await super().shutdown(sockets)
 
 
-def _begin_shutdown(app: FastAPI) -> None:
+def _begin_shutdown(app: FastAPI, handover: SocketHandover, server: _Server) -> None:
+    """A stop answers the requests waiting for a model with a 503 at once, instead of holding
+    the graceful shutdown until they time out; a restart serves them (they were accepted). Only
+    a restart by exec keeps the listening socket: otherwise nobody would answer the connections
+    that queue on it, so new ones are refused from now on."""
+    restart: RestartControl = app.state.restart
+    restarting = restart.requested and not server.signalled
+    if not (restarting and restart.mode == "exec"):
+        handover.release()
     services = getattr(app.state, "services", None)  # None: start-up never completed
-    if services is not None:
+    if services is not None and not restarting:
         services.slot.begin_shutdown()

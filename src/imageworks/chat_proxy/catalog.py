@@ -44,6 +44,7 @@ class CatalogView:
     listed: int
     models: Mapping[str, bytes]  # listed id -> its model object, as the listing has it
     ids: Mapping[str, str]  # entry name -> its listed id
+    installed: Mapping[str, Installed]  # entry name -> installed?, for every served entry
 
 
 class Catalog:
@@ -72,6 +73,15 @@ class Catalog:
             if self._view is None or time.monotonic() - self._checked_at >= RECHECK_INTERVAL_S:
                 self._view = await asyncio.to_thread(self._build_view, self._view)
                 self._checked_at = time.monotonic()
+        return self._view
+
+    async def reload(self) -> CatalogView:
+        """Re-read the registry now (edits are also noticed within a second by themselves). An
+        unreadable registry raises RegistryError; the last good view keeps serving meanwhile."""
+        await asyncio.to_thread(self._store.load)
+        async with self._refresh_lock:
+            self._view = await asyncio.to_thread(self._build_view, self._view)
+            self._checked_at = time.monotonic()
         return self._view
 
     def entry_count(self) -> int | None:
@@ -151,7 +161,7 @@ class Catalog:
         listing = json.dumps({"object": "list", "data": items}, ensure_ascii=False).encode()
         models = {item["id"]: json.dumps(item, ensure_ascii=False).encode() for item in items}
         ids = {item["extensions"]["logical_id"]: item["id"] for item in items}
-        return CatalogView(snapshot, index, listing, len(items), models, ids)
+        return CatalogView(snapshot, index, listing, len(items), models, ids, states)
 
     def _model_item(
         self,

@@ -10,6 +10,7 @@ and dropped log lines, never a failed request.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -294,6 +295,11 @@ class _Sample(NamedTuple):
     latency_ms: float
     ttft_ms: float | None
     tokens_per_s: float | None
+    # For the dashboard's list of recent requests.
+    finished_at: float  # epoch seconds
+    status: int
+    stream: bool
+    completion_tokens: int | None
 
 
 def _group(samples: Iterable[_Sample], in_flight: int) -> dict[str, Any]:
@@ -358,9 +364,60 @@ class Metrics:
             rate = record.completion_tokens / (record.latency_ms / 1000)
         model = record.model_resolved or record.model_requested or "unknown"
         self._samples.append(
-            _Sample(self._clock(), model, record.outcome, record.latency_ms, record.ttft_ms, rate)
+            _Sample(
+                self._clock(),
+                model,
+                record.outcome,
+                record.latency_ms,
+                record.ttft_ms,
+                rate,
+                record.started_at + record.latency_ms / 1000,
+                record.status,
+                record.stream,
+                record.completion_tokens,
+            )
         )
         self._prune()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight_total
+
+    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The last `limit` finished requests of the window, newest first."""
+        self._prune()
+        newest = list(itertools.islice(reversed(self._samples), limit))
+        return [
+            {
+                "at": _iso_utc(sample.finished_at),
+                "model": sample.model,
+                "status": sample.status,
+                "outcome": sample.outcome,
+                "stream": sample.stream,
+                "latency_ms": round(sample.latency_ms, 1),
+                "ttft_ms": None if sample.ttft_ms is None else round(sample.ttft_ms, 1),
+                "completion_tokens": sample.completion_tokens,
+            }
+            for sample in newest
+        ]
+
+    def series(self, bucket_s: float = 10.0) -> list[dict[str, Any]]:
+        """Requests finished in the window, in `bucket_s` buckets of their end time (epoch
+        seconds), oldest first: count, mean latency, completion tokens (throughput)."""
+        self._prune()
+        buckets: dict[float, list[_Sample]] = {}
+        for sample in self._samples:
+            start = sample.finished_at - sample.finished_at % bucket_s
+            buckets.setdefault(start, []).append(sample)
+        return [
+            {
+                "at": start,
+                "requests": len(chosen),
+                "mean_latency_ms": round(sum(s.latency_ms for s in chosen) / len(chosen), 1),
+                "completion_tokens": sum(s.completion_tokens or 0 for s in chosen),
+            }
+            for start, chosen in sorted(buckets.items())
+        ]
 
     def record_swap(self, duration_s: float) -> None:
         self._last_swap = {"at": _iso_utc(time.time()), "duration_s": float(duration_s)}

@@ -167,6 +167,30 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Reloaded": {
+        "type": "object",
+        "required": ["entries", "listed", "warnings"],
+        "properties": {
+            "entries": {"type": "integer"},
+            "listed": {"type": "integer", "description": "of them, in /v1/models"},
+            "warnings": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "Restarting": {
+        "type": "object",
+        "required": ["restarting", "mode"],
+        "properties": {"restarting": {"const": True}, "mode": {"enum": ["exec", "exit"]}},
+    },
+    "Overview": {
+        "type": "object",
+        "required": ["proxy", "models", "slot", "requests"],
+        "properties": {
+            "proxy": {**_OBJECT, "description": "version, boot_id (new on every start), pid"},
+            "models": {"type": "array", "items": _OBJECT},
+            "slot": {**_OBJECT, "description": "holder, activity and since when, last swaps"},
+            "requests": {**_OBJECT, "description": "in flight, recent, a 10 s series"},
+        },
+    },
     "ActivateRequest": {
         "type": "object",
         "required": ["model"],
@@ -206,6 +230,10 @@ def _chat_completions() -> dict[str, Any]:
             },
         }
     }
+
+
+def _post(summary: str, operation: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
+    return {"post": _get(summary, operation, ok, *errors)["get"]}
 
 
 def _get(summary: str, operation: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
@@ -280,6 +308,28 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": admin_status, **_errors(503)},
                 }
             },
+            "/v1/admin/reload": _post(
+                "Re-read the registry now",
+                "adminReload",
+                _json("Reloaded", "What was read: entries, listed models, warnings"),
+                503,
+            ),
+            "/v1/admin/restart": {
+                "post": {
+                    "summary": "Drain, stop the model and start the proxy afresh "
+                    "(CHAT_PROXY_RESTART_MODE: exec, or exit for Docker/systemd)",
+                    "operationId": "adminRestart",
+                    "responses": {
+                        "202": _json("Restarting", "The restart has begun"),
+                        **_errors(503),
+                    },
+                }
+            },
+            "/v1/admin/overview": _get(
+                "Everything the dashboard at /ui shows: models, GPU slot, recent requests",
+                "adminOverview",
+                _json("Overview", "The overview"),
+            ),
             "/v1/openapi.json": _get(
                 "This document",
                 "openapi",

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from imageworks.backends.base import BackendNotReady
+from imageworks.chat_proxy.overview import overview
 from imageworks.chat_proxy.protocol import (
     MAX_JSON_DEPTH,
     BackendUnavailable,
@@ -21,7 +22,8 @@ from imageworks.chat_proxy.protocol import (
     ProxyError,
     json_shape_problem,
 )
-from imageworks.chat_proxy.services import Services
+from imageworks.chat_proxy.restart import RestartControl, RestartUnavailable
+from imageworks.chat_proxy.services import Services, reload_registry
 
 router = APIRouter(prefix="/v1")
 
@@ -145,3 +147,30 @@ async def admin_stop(request: Request) -> Response:
     except BackendNotReady as exc:  # the process survived the stop: the slot keeps it
         raise BackendUnavailable(str(exc), code="stop_failed") from exc
     return JSONResponse(await _admin_status(services))
+
+
+@router.post("/admin/reload")
+async def admin_reload(request: Request) -> Response:
+    """Re-read the registry now (edits are noticed within a second anyway): the answer says
+    what was read, and a broken registry is a 503 naming the problem (the old one still serves)."""
+    return JSONResponse(await reload_registry(_services(request)))
+
+
+@router.post("/admin/restart")
+async def admin_restart(request: Request) -> Response:
+    """Drain, stop the model (unless CHAT_PROXY_LEAVE_MODEL_RUNNING=1) and start afresh: by exec
+    in the same process, or (CHAT_PROXY_RESTART_MODE=exit) by exiting for Docker or systemd."""
+    restart: RestartControl = request.app.state.restart
+    try:
+        restart.request()
+    except RestartUnavailable as exc:
+        raise BackendUnavailable(str(exc), code="restart_unavailable") from exc
+    return JSONResponse({"restarting": True, "mode": restart.mode}, status_code=202)
+
+
+@router.get("/admin/overview")
+async def admin_overview(request: Request) -> Response:
+    """Everything the dashboard at /ui shows, from memory."""
+    services = _services(request)
+    view = await services.catalog.view()
+    return JSONResponse(overview(services, view, request.app.state.restart))

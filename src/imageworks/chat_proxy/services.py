@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imageworks.backends.autostart import Autostarter
 from imageworks.backends.base import BackendNotReady
@@ -51,6 +52,10 @@ class Services:
     chat: ChatService
     metrics: Metrics
     state_file: StateFile
+    store: RegistryStore
+    started_at: float = field(default_factory=time.time)  # epoch seconds
+    # New on every start: how a dashboard tells that a restart has completed.
+    boot_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @contextlib.asynccontextmanager
@@ -162,7 +167,7 @@ async def running_services(
     chat = ChatService(catalog, router, forwarder, request_log, metrics, chat_rules(settings))
     background.append(asyncio.create_task(catalog.keep_installed_states_fresh()))
     try:
-        yield Services(settings, time.monotonic(), catalog, slot, chat, metrics, state_file)
+        yield Services(settings, time.monotonic(), catalog, slot, chat, metrics, state_file, store)
     finally:
         for task in background:
             task.cancel()
@@ -198,6 +203,17 @@ def chat_rules(settings: ProxySettings) -> ChatRules:
         stream_heartbeat_s=settings.stream_heartbeat_s,
         requested_model_in_answers=settings.response_model == "requested",
     )
+
+
+async def reload_registry(services: Services) -> dict[str, object]:
+    """`POST /v1/admin/reload`: re-read the registry now and rewrite the merged file."""
+    view = await services.catalog.reload()
+    await asyncio.to_thread(_refresh_merged_file, services.store)
+    return {
+        "entries": len(view.snapshot),
+        "listed": view.listed,
+        "warnings": list(view.snapshot.warnings),
+    }
 
 
 def _refresh_merged_file(store: RegistryStore) -> None:
