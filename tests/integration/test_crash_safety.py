@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import pytest
 
 from conftest import make_demo_workspace
 from imageworks.backends.llamacpp import find_llama_server
+from support.model_servers import IGNORES_SIGTERM, SLOW_START, serve_through
 from support.proxy_process import (
     LOADER,
     RunningProxy,
@@ -35,26 +35,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 SMOL = "smollm2 135m (Q4 1)"
 GEMMA = "gemma3 270m (Q4 K M)"
 SMOL_ENTRY = "smollm2_135m_(Q4_1)"
-
-# A model server that takes `delay` seconds before it even starts loading (exec keeps its pid).
-SLOW_START = '#!/bin/sh\nsleep {delay}\nexec {server} "$@"\n'
-# A model server whose group leader ignores SIGTERM: only SIGKILL ends it.
-IGNORES_SIGTERM = """#!{python}
-import signal, subprocess, sys
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-server = subprocess.Popen([{server!r}, *sys.argv[1:]], preexec_fn=lambda: signal.signal(
-    signal.SIGTERM, signal.SIG_DFL))
-server.wait()
-signal.pause()
-"""
-
-
-def serve_through(ws: Workspace, script: str, **env: str) -> None:
-    """Start the demo's llama-server through `script` (a wrapper around the real binary)."""
-    path = ws.root / "model-server"
-    path.write_text(script)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    ws.extra_env.update(CHAT_PROXY_LLAMA_SERVER_BINARY=str(path), **env)
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ import httpx
 import pytest
 
 from conftest import make_demo_workspace
+from imageworks.backends.llamacpp import find_llama_server
+from support.model_servers import SLOW_START, serve_through
 from support.proxy_process import RunningProxy, Workspace, pid_alive, processes_listening_on
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -190,6 +192,31 @@ def test_restart_under_load_answers_every_accepted_request_and_refuses_no_connec
     finally:
         assert proxy.terminate() in (0, -signal.SIGTERM)
     assert processes_listening_on(ws.model_port) == []
+
+
+def test_restart_while_a_model_starts_serves_the_request_waiting_for_it(ws: Workspace) -> None:
+    server = find_llama_server(None).binary
+    assert server is not None, "llama-server is part of the demo dependencies"
+    serve_through(ws, SLOW_START.format(delay=2, server=server))
+    proxy = ws.start_proxy()
+    try:
+        boot = overview(proxy)["proxy"]["boot_id"]
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(proxy.chat(SMOL, max_tokens=4)))
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while overview(proxy)["slot"]["state"] != "starting":
+            assert time.monotonic() < deadline, "the model never started"
+            time.sleep(0.05)
+        restart(proxy)
+        waiting.join(timeout=120)
+        [answer] = answers
+        assert answer.status_code == 200, answer.text  # accepted before the restart: served
+        assert answer.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        wait_for_new_boot(proxy, boot)
+        assert processes_listening_on(ws.model_port) == []  # stopped by the restart
+    finally:
+        proxy.terminate()
 
 
 def test_restart_with_the_model_left_running_hands_it_to_the_new_proxy(ws: Workspace) -> None:
