@@ -286,7 +286,7 @@ def _chunked(total: int) -> Iterator[bytes]:
 
 def test_a_60mb_body_is_a_413_before_it_is_read_and_the_connection_closes(proxy: Proxy) -> None:
     head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     began = time.monotonic()
@@ -304,7 +304,7 @@ def test_a_60mb_body_is_a_413_before_it_is_read_and_the_connection_closes(proxy:
 
 def test_a_content_length_over_the_limit_is_a_413_before_any_byte_is_read(proxy: Proxy) -> None:
     head = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % SIXTY_MB
     )
     received, written, closed = _send_until_answered(proxy, head, iter([]), timeout_s=10)

@@ -253,7 +253,7 @@ def test_a_client_leaving_right_after_done_got_a_complete_answer(proxy: ProxySer
     body = json.dumps(chat("scripted echo", stream=True)).encode()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         received = b""

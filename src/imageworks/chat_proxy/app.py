@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
 from imageworks.chat_proxy.dashboard import dashboard_router
+from imageworks.chat_proxy.guard import AccessGuard, startup_warnings
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
 from imageworks.chat_proxy.restart import RestartControl, SocketHandover, listening_socket
@@ -75,6 +76,9 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
         error = InternalError(f"Internal proxy error: {type(exc).__name__}")
         return JSONResponse(error.body(), status_code=error.status)
 
+    # Added last, so it is the outermost of our layers: every route, the dashboard and metrics
+    # included, is behind it (Starlette wraps each added middleware around the earlier ones).
+    app.add_middleware(AccessGuard, settings=settings)
     return app
 
 
@@ -96,10 +100,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    if not settings.host.startswith("127.") and settings.host not in ("localhost", "::1"):
-        log.warning(
-            "listening on %s without authentication: keep it on a trusted network", settings.host
-        )
+    for warning in startup_warnings(settings):
+        log.warning("%s", warning)
     try:  # a registry that cannot be read is one clear line, not a lifespan traceback
         RegistryStore(registry.registry_dir).load()
     except RegistryError as exc:

@@ -127,6 +127,13 @@ class ProxySettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _strip_key(cls, value: object) -> object:
+        # `Authorization: Bearer <key>` loses surrounding spaces in transit, so a key kept with
+        # them (a stray space or newline in an env file) could never be presented.
+        return value.strip() if isinstance(value, str) else value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _read_keys(cls, value: object) -> object:

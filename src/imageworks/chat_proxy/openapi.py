@@ -34,6 +34,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
         503: "The backend cannot be reached or started, or the GPU slot was not free in time "
         "(with Retry-After)",
         504: "The backend said nothing within the configured time",
+        401: "CHAT_PROXY_API_KEYS is set and the bearer key is missing or wrong",
+        403: "A Host name not served on this bind, a foreign Origin on a request that changes "
+        "something, or a user key on an admin endpoint (CHAT_PROXY_ADMIN_KEY)",
+        415: "An admin request that changes something without Content-Type: application/json",
     }
     return {str(status): _json("ErrorResponse", said[status]) for status in statuses}
 
@@ -251,7 +255,7 @@ def openapi_document(version: str) -> dict[str, Any]:
     request = ChatCompletionRequest.model_json_schema(by_alias=True, ref_template=_REF)
     schemas = {**request.pop("$defs", {}), "ChatCompletionRequest": request, **_SCHEMAS}
     admin_status = _json("AdminStatus", "The GPU slot and the state file")
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "ImageWorks Chat Proxy",
@@ -336,5 +340,30 @@ def openapi_document(version: str) -> dict[str, Any]:
                 {"description": "OpenAPI 3.1", "content": {JSON: {"schema": _OBJECT}}},
             ),
         },
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Only when CHAT_PROXY_API_KEYS (or CHAT_PROXY_ADMIN_KEY) is set",
+                }
+            },
+        },
     }
+    _add_access_errors(document["paths"])
+    return document
+
+
+def _add_access_errors(paths: dict[str, Any]) -> None:
+    """What the access guard answers before any route runs (`guard.py`): every path but health
+    may need a key and a served Host; admin changes need JSON."""
+    for path, operations in paths.items():
+        if path == "/v1/health":
+            continue
+        for method, operation in operations.items():
+            statuses = [401, 403] + (
+                [415] if path.startswith("/v1/admin/") and method == "post" else []
+            )
+            operation["responses"].update(_errors(*statuses))
+            operation["security"] = [{}, {"bearer": []}]
