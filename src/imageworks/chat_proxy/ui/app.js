@@ -6,11 +6,14 @@
 const POLL_MS = 1000;
 const POLL_TIMEOUT_MS = 5000;
 const BACKOFF_MAX_MS = 5000;
-const RESTART_BACKOFF_MAX_MS = 1000; // while a restart is awaited, look again often
+const RESTART_BACKOFF_MAX_MS = 1000; // while a restart is awaited, look again often...
+const RESTART_PATIENCE_MS = 60000; // ...for this long
 const RESTARTED_SHOWN_MS = 15000;
 const KEY_STORAGE = "imageworks.chat-proxy.admin-key";
 const SWAP_STEPS = ["draining", "stopping", "starting", "waiting for health"];
 const CHART_WINDOW_S = 300;
+const LOG_TAIL_MARK = "\n--- last log lines ---\n"; // how the proxy appends a model server's log
+const MESSAGE_MAX = 400;
 const BUCKET_S = 10;
 
 const $ = (id) => document.getElementById(id);
@@ -58,7 +61,7 @@ const state = {
   failures: 0,
   restart: null, // {since} from the click on "Restart Chat Proxy" until a new boot_id
   restartedAt: 0,
-  waitingForKey: false,
+  paused: false, // the poll chain waits for a key
   timer: 0,
   polling: false,
   pollAgain: false,
@@ -139,7 +142,7 @@ function schedule(ms) {
 
 // Poll as soon as the current poll (if any) is done: after an action, to show its effect.
 function pollSoon() {
-  if (state.waitingForKey) return;
+  if (state.paused) return;
   if (state.polling) state.pollAgain = true;
   else schedule(0);
 }
@@ -165,7 +168,8 @@ async function poll() {
 
 function pollFailed(err) {
   if (isKeyProblem(err)) {
-    askForKey(err.status === 401 ? "An admin key is needed." : "That key is not an admin key.");
+    askForKey(keyNote(err));
+    state.paused = true; // until a key is given: no point asking again every second
     return null;
   }
   if (!(err instanceof ApiError)) {
@@ -179,7 +183,10 @@ function pollFailed(err) {
   const quiet = state.lastSeen ? ` · last update ${clock(state.lastSeen / 1000)}` : "";
   const cause = err.status ? `HTTP ${err.status}: ${err.message}` : err.message;
   view.connectionDetail.textContent = `${cause}${quiet}`;
-  const cap = state.restart ? RESTART_BACKOFF_MAX_MS : BACKOFF_MAX_MS;
+  // Right after a restart request, look often; a proxy that stays away (exit mode with no
+  // supervisor, say) is then asked as rarely as any other.
+  const soon = state.restart && Date.now() - state.restart.since < RESTART_PATIENCE_MS;
+  const cap = soon ? RESTART_BACKOFF_MAX_MS : BACKOFF_MAX_MS;
   return Math.min(cap, 250 * 2 ** Math.min(state.failures, 5));
 }
 
@@ -197,8 +204,12 @@ function setConnection(kind) {
   view.restart.disabled = kind === "restarting" || state.restart !== null;
 }
 
+function keyNote(err) {
+  if (err.status === 403) return "That key is not an admin key.";
+  return state.key ? "That key was refused." : "The proxy needs a key.";
+}
+
 function askForKey(note) {
-  state.waitingForKey = true;
   setConnection("key");
   view.keyNote.textContent = note;
   view.keyForm.hidden = false;
@@ -229,7 +240,8 @@ function showOverview(o) {
   setText(view.pid, String(proxy.pid));
   setText(view.uptime, duration(proxy.uptime_s));
   setText(view.boot, short(proxy.boot_id));
-  view.boot.title = `${proxy.boot_id} · started ${proxy.started_at} · restart mode ${proxy.restart_mode}`;
+  view.boot.title =
+    `${proxy.boot_id} · started ${proxy.started_at} · restart mode ${proxy.restart_mode}`;
 
   state.names = new Map(o.models.map((m) => [m.name, m.id]));
   showModels(o.models);
@@ -260,9 +272,12 @@ function showModels(models) {
     setText(row.state, m.state);
     row.state.dataset.state = m.state;
     setText(row.waiting, String(m.waiting));
-    row.tr.classList.toggle("not-installed", !m.installed);
-    row.button.disabled = !m.installed || m.state === "active" || state.activating.has(m.id);
-    row.button.title = m.installed ? "" : "not installed";
+    // Only "not installed" says the files are missing: `installed` false with another state
+    // means unknown (an Ollama model when Ollama cannot be asked, say), and may be activated.
+    const missing = m.state === "not installed";
+    row.tr.classList.toggle("not-installed", missing);
+    row.button.disabled = missing || m.state === "active" || state.activating.has(m.id);
+    row.button.title = missing ? "not installed" : "";
   });
   for (const [id, row] of state.rows) {
     if (!seen.has(id)) {
@@ -384,7 +399,7 @@ function showError(error) {
   }
   const model = error.model ? ` (${displayName(error.model)})` : "";
   setText(view.errorSummary, `Error at ${clock(error.at)}${model}: ${error.message}`);
-  const tail = error.log_tail || "";
+  const tail = (error.log_tail || "").replace(/^\n+/, "");
   setText(view.errorLog, tail);
   view.errorLog.hidden = !tail;
   view.errorLog.setAttribute("aria-label", "The model server's log, last lines");
@@ -403,63 +418,75 @@ function drawChart(series, serverNow) {
     if (text !== undefined) node.textContent = text;
     return node;
   };
+  const label = (x, y, text, anchor = "start") =>
+    make("text", { class: "label", x, y, "text-anchor": anchor }, text);
+  const axis = (x1, y1, x2, y2) => make("line", { class: "axis", x1, y1, x2, y2 });
+
+  const { left, right, top, bottom } = CHART;
   const start = serverNow - CHART_WINDOW_S;
+  const x = (t) => {
+    const along = Math.min(Math.max(t - start, 0), CHART_WINDOW_S) / CHART_WINDOW_S;
+    return left + along * (right - left);
+  };
+  const nodes = [
+    axis(left, bottom, right, bottom),
+    axis(left, top, left, bottom),
+    axis(right, top, right, bottom),
+    label(x(start), bottom + 14, "−5 min"),
+    label(x(start + CHART_WINDOW_S / 2), bottom + 14, "−2.5 min", "middle"),
+    label(x(serverNow), bottom + 14, "now", "end"),
+  ];
+
   const buckets = (series || []).filter((b) => b.at + BUCKET_S > start && b.requests > 0);
-  const nodes = [];
-  const width = CHART.right - CHART.left;
-  const height = CHART.bottom - CHART.top;
-  const x = (t) => CHART.left + (Math.min(Math.max(t - start, 0), CHART_WINDOW_S) / CHART_WINDOW_S) * width;
-
-  nodes.push(make("line", { class: "axis", x1: CHART.left, y1: CHART.bottom, x2: CHART.right, y2: CHART.bottom }));
-  nodes.push(make("line", { class: "axis", x1: CHART.left, y1: CHART.top, x2: CHART.left, y2: CHART.bottom }));
-  nodes.push(make("line", { class: "axis", x1: CHART.right, y1: CHART.top, x2: CHART.right, y2: CHART.bottom }));
-  for (const [t, label] of [[start, "−5 min"], [start + 150, "−2.5 min"], [serverNow, "now"]]) {
-    const anchor = label === "now" ? "end" : label === "−5 min" ? "start" : "middle";
-    nodes.push(make("text", { class: "label", x: x(t), y: CHART.bottom + 14, "text-anchor": anchor }, label));
-  }
-
   if (!buckets.length) {
-    nodes.push(make("text", { class: "empty", x: (CHART.left + CHART.right) / 2, y: 80, "text-anchor": "middle" }, "No requests in the last 5 minutes"));
+    const text = "No requests in the last 5 minutes";
+    const middle = (left + right) / 2;
+    nodes.push(make("text", { class: "empty", x: middle, y: 80, "text-anchor": "middle" }, text));
     svg.replaceChildren(...nodes);
-    svg.setAttribute("aria-label", "No requests in the last 5 minutes");
+    svg.setAttribute("aria-label", text);
     return;
   }
 
+  const latency = (b) => b.mean_latency_ms || 0;
   const rate = (b) => (b.completion_tokens || 0) / BUCKET_S;
-  const maxLatency = niceCeiling(Math.max(...buckets.map((b) => b.mean_latency_ms || 0)));
+  const maxLatency = niceCeiling(Math.max(...buckets.map(latency)));
   const maxRate = niceCeiling(Math.max(...buckets.map(rate)));
-  const yLatency = (v) => CHART.bottom - (v / maxLatency) * height;
-  const yRate = (v) => CHART.bottom - (v / maxRate) * height;
-  const barWidth = Math.max(2, (BUCKET_S / CHART_WINDOW_S) * width - 2);
-
-  nodes.push(make("text", { class: "label", x: CHART.left - 4, y: CHART.top + 4, "text-anchor": "end" }, `${maxLatency} ms`));
-  nodes.push(make("text", { class: "label", x: CHART.left - 4, y: CHART.bottom, "text-anchor": "end" }, "0"));
-  nodes.push(make("text", { class: "label", x: CHART.right + 4, y: CHART.top + 4 }, `${maxRate} tok/s`));
-  nodes.push(make("text", { class: "label", x: CHART.right + 4, y: CHART.bottom }, "0"));
+  const y = (value, max) => bottom - (value / max) * (bottom - top);
+  const barWidth = Math.max(2, (BUCKET_S / CHART_WINDOW_S) * (right - left) - 2);
+  const latencyText = maxLatency >= 1000 ? `${maxLatency / 1000} s` : `${maxLatency} ms`;
+  nodes.push(
+    label(left - 4, top + 4, latencyText, "end"),
+    label(left - 4, bottom, "0", "end"),
+    label(right + 4, top + 4, `${maxRate} tok/s`),
+    label(right + 4, bottom, "0"),
+  );
 
   const points = [];
   for (const b of buckets) {
-    const left = x(b.at);
-    const top = yRate(rate(b));
-    const summary = `${clock(b.at)}: ${b.requests} requests, mean ${Math.round(b.mean_latency_ms || 0)} ms, ${rate(b).toFixed(1)} tok/s`;
-    const bar = make("rect", { class: "bar", x: left, y: top, width: barWidth, height: CHART.bottom - top });
+    const summary =
+      `${clock(b.at)}: ${b.requests} requests, mean ${Math.round(latency(b))} ms, ` +
+      `${rate(b).toFixed(1)} tok/s`;
+    const barTop = y(rate(b), maxRate);
+    const height = bottom - barTop;
+    const bar = make("rect", { class: "bar", x: x(b.at), y: barTop, width: barWidth, height });
     bar.append(make("title", {}, summary));
     nodes.push(bar);
-    points.push([left + barWidth / 2, yLatency(b.mean_latency_ms || 0), summary]);
+    points.push({ x: x(b.at) + barWidth / 2, y: y(latency(b), maxLatency), summary });
   }
   if (points.length > 1) {
-    const d = points.map(([px, py], i) => `${i ? "L" : "M"}${px.toFixed(1)},${py.toFixed(1)}`).join(" ");
+    const d = points.map((p, i) => `${i ? "L" : "M"}${p.x.toFixed(1)},${p.y.toFixed(1)}`).join(" ");
     nodes.push(make("path", { class: "line", d }));
   }
-  for (const [px, py, summary] of points) {
-    const dot = make("circle", { class: "dot", cx: px.toFixed(1), cy: py.toFixed(1), r: 3 });
-    dot.append(make("title", {}, summary));
+  for (const p of points) {
+    const dot = make("circle", { class: "dot", cx: p.x.toFixed(1), cy: p.y.toFixed(1), r: 3 });
+    dot.append(make("title", {}, p.summary));
     nodes.push(dot);
   }
   svg.replaceChildren(...nodes);
   svg.setAttribute(
     "aria-label",
-    `Last 5 minutes: mean latency up to ${maxLatency} ms, throughput up to ${maxRate} tokens per second`,
+    `Last 5 minutes: mean latency up to ${latencyText}, ` +
+      `throughput up to ${maxRate} tokens per second`,
   );
 }
 
@@ -513,7 +540,10 @@ async function reloadRegistry() {
     const answer = await api("POST", "/v1/admin/reload", {});
     const warnings = answer.warnings || [];
     const noted = warnings.length ? `; ${warnings.length} warning(s): ${warnings.join("; ")}` : "";
-    say(`Registry reloaded: ${answer.entries} entries${noted}.`, warnings.length ? "busy" : "ok");
+    const listed =
+      typeof answer.listed === "number" ? `, ${answer.listed} listed by /v1/models` : "";
+    const kind = warnings.length ? "busy" : "ok";
+    say(`Registry reloaded: ${answer.entries} entries${listed}${noted}.`, kind);
   } catch (err) {
     failed("Reloading the registry failed", err);
   } finally {
@@ -534,7 +564,8 @@ async function restartProxy() {
       answer.mode === "exit"
         ? " The proxy exits: it comes back only if Docker or systemd restarts it."
         : "";
-    say(`Restart accepted (${answer.mode} mode): waiting for the Chat Proxy to come back…${note}`, "busy");
+    const waiting = "waiting for the Chat Proxy to come back…";
+    say(`Restart accepted (${answer.mode} mode): ${waiting}${note}`, "busy");
   } catch (err) {
     if (state.restart !== restart) return;
     if (err.status === 0) {
@@ -550,11 +581,14 @@ async function restartProxy() {
 }
 
 function failed(what, err) {
-  if (isKeyProblem(err)) {
-    askForKey(err.status === 401 ? "An admin key is needed." : "That key is not an admin key.");
-  }
+  if (isKeyProblem(err)) askForKey(keyNote(err));
   const detail = err instanceof ApiError && err.status ? ` (HTTP ${err.status})` : "";
-  say(`${what}: ${err && err.message}${detail}`, "error");
+  // A failed start carries the model server's log: the "Last error" panel shows it in full.
+  let message = String(err && err.message);
+  const cut = message.indexOf(LOG_TAIL_MARK);
+  if (cut >= 0) message = `${message.slice(0, cut)} (its log is under Last error)`;
+  if (message.length > MESSAGE_MAX) message = `${message.slice(0, MESSAGE_MAX)}…`;
+  say(`${what}: ${message}${detail}`, "error");
 }
 
 function say(text, kind) {
@@ -621,9 +655,13 @@ view.keyForm.addEventListener("submit", (event) => {
   storeKey(view.key.value.trim());
   view.key.value = "";
   view.keyForm.hidden = true;
-  state.waitingForKey = false;
   setConnection("connecting");
-  schedule(0);
+  if (state.paused) {
+    state.paused = false;
+    schedule(0);
+  } else {
+    pollSoon();
+  }
 });
 
 setConnection("connecting");
