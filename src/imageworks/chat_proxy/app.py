@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
+from imageworks.chat_proxy.dashboard import dashboard_router
 from imageworks.chat_proxy.guard import AccessGuard, startup_warnings
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
@@ -49,6 +50,7 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
     )
     app.include_router(router)
     app.include_router(root_router)
+    app.include_router(dashboard_router())
     app.state.restart = RestartControl(settings.restart_mode)
     # FastAPI's own document cannot see what the chat route reads itself: ours is written out.
     app.state.openapi = json_bytes(openapi_document(app.version))
