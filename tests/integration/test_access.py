@@ -373,3 +373,26 @@ def test_a_foreign_origin_is_refused_even_with_a_key(keyed_proxy: RunningProxy) 
     )
     error_of(response, 403, "origin_not_allowed")
     assert json.loads(response.text)["error"]["param"] is None
+
+
+def test_the_loader_uses_the_admin_key_on_a_keyed_proxy_and_says_which_to_set(
+    keyed_proxy: RunningProxy,
+) -> None:
+    ws = Workspace(keyed_proxy.workdir, proxy_port=port_of(keyed_proxy))
+    ws.extra_env["CHAT_PROXY_ADMIN_KEY"] = ADMIN_KEY
+    started = ws.loader("activate-model", MODEL, "--json")
+    assert started.returncode == 0, started.stderr
+    assert holder(keyed_proxy, ADMIN_KEY) is not None
+    current = ws.loader("current-model")
+    assert current.returncode == 0, current.stderr
+    assert "is active on port" in current.stdout
+    ws.extra_env["CHAT_PROXY_ADMIN_KEY"] = ""  # nothing: the proxy refuses the loader
+    refused = ws.loader("activate-model", "--stop")
+    assert refused.returncode == 1
+    [line] = refused.stderr.splitlines()
+    assert "CHAT_PROXY_ADMIN_KEY" in line
+    assert ADMIN_KEY not in refused.stderr + refused.stdout
+    assert holder(keyed_proxy, ADMIN_KEY) is not None  # not stopped
+    ws.extra_env["CHAT_PROXY_ADMIN_KEY"] = ADMIN_KEY
+    assert ws.loader("activate-model", "--stop").returncode == 0
+    assert holder(keyed_proxy, ADMIN_KEY) is None
