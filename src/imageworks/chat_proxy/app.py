@@ -91,6 +91,10 @@ def main() -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The request log (CHAT_PROXY_LOG_PATH) has a line per request; the operator log says what
+    # an operator needs. httpx's line per upstream request (health polls included) and
+    # uvicorn's access log (off below) would double every request and cost the hot path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = load_settings()
         registry = RegistrySettings()
@@ -129,6 +133,7 @@ def main() -> int:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        access_log=False,
         timeout_graceful_shutdown=int(settings.vllm_stop_timeout_s) + 15,
     )
     server = _Server(config, on_shutdown=lambda: _begin_shutdown(app, handover, server))
