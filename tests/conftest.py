@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from support.proxy_process import Workspace, processes_listening_on
+from support.proxy_process import Workspace
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,5 +75,4 @@ def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
     make_demo_workspace(tmp_path, demo_models)
     workspace = Workspace(tmp_path)
     yield workspace
-    for pid in processes_listening_on(workspace.model_port):
-        os.killpg(pid, signal.SIGKILL)
+    workspace.kill_model_servers()

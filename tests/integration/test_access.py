@@ -7,8 +7,6 @@ one can be seen not to have happened."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import write_json
-from support.proxy_process import RunningProxy, Workspace, processes_listening_on
+from support.proxy_process import RunningProxy, Workspace
 from support.scripted_llama_server import write_launcher
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -52,13 +50,8 @@ def workspace(root: Path, **env: str) -> Workspace:
 
 
 def running(ws: Workspace) -> Iterator[RunningProxy]:
-    proxy = ws.start_proxy()
-    try:
+    with ws.serving() as proxy:
         yield proxy
-    finally:
-        proxy.terminate()
-        for pid in processes_listening_on(ws.model_port):  # never leave a model behind
-            os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

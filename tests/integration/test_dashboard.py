@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +90,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> It
     make_demo_workspace(workdir, demo_models)
     ws = Workspace(workdir)
     yield ws
-    for pid in processes_listening_on(ws.model_port):  # never leave a model behind
-        os.killpg(pid, signal.SIGKILL)
+    ws.kill_model_servers()
 
 
 @pytest.fixture(scope="module")

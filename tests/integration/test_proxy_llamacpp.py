@@ -6,7 +6,6 @@ The tests share one proxy and run in order: they walk through what a user does."
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -32,13 +31,8 @@ GEMMA = "gemma3 270m (Q4 K M)"
 def proxy(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iterator[RunningProxy]:
     workdir = tmp_path_factory.mktemp("proxy")
     make_demo_workspace(workdir, demo_models)
-    workspace = Workspace(workdir)
-    running = workspace.start_proxy()
-    yield running
-    if running.process.poll() is None:  # a subset of the tests ran: shut down gracefully
-        running.terminate()
-    for pid in processes_listening_on(workspace.model_port):  # and never leave a model behind
-        os.killpg(pid, signal.SIGKILL)
+    with Workspace(workdir).serving() as running:  # some tests end it: then no SIGTERM
+        yield running
 
 
 def test_models_lists_both_demo_models(proxy: RunningProxy) -> None:

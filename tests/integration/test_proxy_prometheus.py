@@ -7,9 +7,7 @@ model); the tests read what they left behind, through prometheus-client's own pa
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ import pytest
 from conftest import make_demo_workspace
 from support.prometheus_text import PREFIX as P
 from support.prometheus_text import Series, label_sets, parse_series, value
-from support.proxy_process import RunningProxy, Workspace, processes_listening_on
+from support.proxy_process import RunningProxy, Workspace
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -86,8 +84,7 @@ def traffic(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iter
     workdir = tmp_path_factory.mktemp("proxy")
     make_demo_workspace(workdir, demo_models)
     workspace = Workspace(workdir, extra_env={"CHAT_PROXY_ENABLE_METRICS": "1"})
-    proxy = workspace.start_proxy()
-    try:
+    with workspace.serving() as proxy:
         answer = proxy.chat(SMOL, max_tokens=8)  # starts the model: the one swap
         stream, stream_usage = _stream(proxy)
         unknown = proxy.chat("no such model")
@@ -99,10 +96,6 @@ def traffic(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iter
         yield Traffic(
             answer, stream, stream_usage, unknown, others, scrape, parse_series(scrape.text)
         )
-    finally:
-        proxy.terminate()
-        for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
-            os.killpg(pid, signal.SIGKILL)
 
 
 def test_metrics_is_prometheus_text(traffic: Traffic) -> None:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import select
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import make_demo_workspace, write_json
-from support.proxy_process import RunningProxy, Workspace, processes_listening_on
+from support.proxy_process import RunningProxy, Workspace
 from support.proxy_server import ProxyServer
 from support.scripted_upstream import SCENARIOS, ScriptedUpstream
 
@@ -40,14 +38,8 @@ class Proxy:
 @contextlib.contextmanager
 def _demo_proxy(root: Path, demo_models: Path, **env: str) -> Iterator[RunningProxy]:
     make_demo_workspace(root, demo_models)
-    workspace = Workspace(root, extra_env=env)
-    running = workspace.start_proxy()
-    try:
+    with Workspace(root, extra_env=env).serving() as running:
         yield running
-    finally:
-        running.terminate()
-        for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
-            os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from imageworks.backends.base import Dialect, Target
 from imageworks.chat_proxy.forwarding import Forwarder
 from imageworks.chat_proxy.requests import parse_chat_request
 from imageworks.chat_proxy.usage import Generated, count_usage, tokenizer_for
-from support.proxy_process import RunningProxy, Workspace, processes_listening_on
+from support.proxy_process import RunningProxy, Workspace
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,11 +44,8 @@ def demo_workspace(root: Path, demo_models: Path, **env: str) -> Workspace:
 
 
 def running(workspace: Workspace) -> Iterator[RunningProxy]:
-    proxy = workspace.start_proxy()
-    yield proxy
-    proxy.terminate()
-    for pid in processes_listening_on(workspace.model_port):  # never leave a model behind
-        os.killpg(pid, signal.SIGKILL)
+    with workspace.serving() as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="module")

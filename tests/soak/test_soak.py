@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -85,9 +84,7 @@ async def test_soak_clients_get_whole_answers_logged_once_and_one_holder_at_a_ti
         finally:
             if proxy.process.poll() is None:
                 proxy.kill()
-            for pid in processes_listening_on(ws.model_port):  # never leave a model behind
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+            ws.kill_model_servers()
 
     log = check_log(soak.calls, read_request_log(ws.root / "logs" / "chat_proxy.jsonl"))
     failures = [

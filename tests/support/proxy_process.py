@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,24 @@ class Workspace:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((self.root / "proxy.out").read_text()) from None
                 time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[RunningProxy]:
+        """The proxy for the block: SIGTERM at its end (unless it already exited), and no model
+        server left behind."""
+        proxy = self.start_proxy()
+        try:
+            yield proxy
+        finally:
+            if proxy.process.poll() is None:
+                proxy.terminate()
+            self.kill_model_servers()
+
+    def kill_model_servers(self) -> None:
+        """Never leave a model behind: SIGKILL every model server on this workspace's port."""
+        for pid in processes_listening_on(self.model_port):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 @dataclass
