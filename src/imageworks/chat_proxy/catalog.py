@@ -78,9 +78,8 @@ class Catalog:
     async def reload(self) -> CatalogView:
         """Re-read the registry now (edits are also noticed within a second by themselves). An
         unreadable registry raises RegistryError; the last good view keeps serving meanwhile."""
-        await asyncio.to_thread(self._store.load)
         async with self._refresh_lock:
-            self._view = await asyncio.to_thread(self._build_view, self._view)
+            self._view = await asyncio.to_thread(self._build_view, self._view, strict=True)
             self._checked_at = time.monotonic()
         return self._view
 
@@ -135,11 +134,13 @@ class Catalog:
 
     # -- runs in a worker thread ---------------------------------------------------------------
 
-    def _build_view(self, previous: CatalogView | None) -> CatalogView:
+    def _build_view(self, previous: CatalogView | None, *, strict: bool = False) -> CatalogView:
+        """A new view. A registry that cannot be read keeps the previous view serving, unless
+        there is none or `strict` (an explicit reload): then the error is raised."""
         try:
             snapshot = self._store.load()
         except RegistryError as exc:
-            if previous is None:
+            if previous is None or strict:
                 raise
             log.warning("keeping the last good registry: %s", exc)
             snapshot = previous.snapshot

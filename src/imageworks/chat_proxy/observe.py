@@ -25,7 +25,7 @@ from io import BufferedWriter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-__all__ = ["Metrics", "Outcome", "RequestLog", "RequestRecord"]
+__all__ = ["Metrics", "Outcome", "RequestLog", "RequestRecord", "iso_utc"]
 
 Outcome = Literal["ok", "error", "cancelled"]
 
@@ -36,7 +36,7 @@ RETRY_INTERVAL_S = 30.0
 _log = logging.getLogger("imageworks.chat_proxy.observe")
 
 
-def _iso_utc(epoch_s: float) -> str:
+def iso_utc(epoch_s: float) -> str:
     moment = datetime.fromtimestamp(epoch_s, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -82,7 +82,7 @@ class RequestRecord:
                 "total_tokens": self.total_tokens,
             }
         line: dict[str, Any] = {
-            "ts": _iso_utc(self.started_at),
+            "ts": iso_utc(self.started_at),
             "request_id": self.request_id,
             "model_requested": self.model_requested,
             "model_resolved": self.model_resolved,
@@ -397,7 +397,7 @@ class Metrics:
         newest = list(itertools.islice(reversed(self._samples), limit))
         return [
             {
-                "at": _iso_utc(sample.finished_at),
+                "at": iso_utc(sample.finished_at),
                 "model": sample.model,
                 "status": sample.status,
                 "outcome": sample.outcome,
@@ -428,7 +428,7 @@ class Metrics:
         ]
 
     def record_swap(self, duration_s: float) -> None:
-        self._last_swap = {"at": _iso_utc(time.time()), "duration_s": float(duration_s)}
+        self._last_swap = {"at": iso_utc(time.time()), "duration_s": float(duration_s)}
 
     def snapshot(self) -> dict[str, Any]:
         self._prune()

@@ -10,31 +10,32 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from imageworks.chat_proxy.catalog import CatalogView
+from imageworks.chat_proxy.observe import iso_utc
 from imageworks.chat_proxy.restart import RestartControl
 from imageworks.chat_proxy.services import Services
 from imageworks.registry.installed import Installed
 from imageworks.registry.naming import display_name
 
-VERSION = "0.1.0"
 RECENT_REQUESTS = 50
 SERIES_BUCKET_S = 10.0
 # How the supervisor appends a model server's last words to a failed start's reason.
 _LOG_TAIL_MARK = "\n--- last log lines ---\n"
 
 
-def overview(services: Services, view: CatalogView, restart: RestartControl) -> dict[str, Any]:
+def overview(
+    services: Services, view: CatalogView, restart: RestartControl, version: str
+) -> dict[str, Any]:
     slot = services.slot.status()
     metrics = services.metrics
     return {
         "proxy": {
-            "version": VERSION,
+            "version": version,
             "boot_id": services.boot_id,
             "pid": os.getpid(),
-            "started_at": _iso(services.started_at),
+            "started_at": iso_utc(services.started_at),
             "uptime_s": round(time.time() - services.started_at, 1),
             "restart_mode": restart.mode,
             "restarting": restart.requested,
@@ -86,7 +87,7 @@ def _slot(status: dict[str, Any]) -> dict[str, Any]:
         message, _, tail = str(status["last_error"]).partition(_LOG_TAIL_MARK)
         error = {
             "message": message,
-            "at": _iso(status["last_error_at"]) if status["last_error_at"] else None,
+            "at": iso_utc(status["last_error_at"]) if status["last_error_at"] else None,
             "model": status["last_error_model"],
             "log_tail": tail,
         }
@@ -95,19 +96,14 @@ def _slot(status: dict[str, Any]) -> dict[str, Any]:
         "activity": status["activity"],
         "holder": status["holder"] or None,
         "starting": status["starting"],
-        "holder_since": _iso(status["holder_since"]) if status["holder_since"] else None,
-        "phase_since": _iso(since),
+        "holder_since": iso_utc(status["holder_since"]) if status["holder_since"] else None,
+        "phase_since": iso_utc(since),
         "phase_elapsed_s": round(max(0.0, time.time() - since), 1),
         "pid": status["pid"],
         "active_requests": status["active_requests"],
         "waiting": status["waiting"],
         "swaps": status["swaps"],
-        "last_swaps": [{**swap, "at": _iso(swap["at"])} for swap in status["last_swaps"]],
+        "last_swaps": [{**swap, "at": iso_utc(swap["at"])} for swap in status["last_swaps"]],
         "last_error": error,
         "history": status["history"],
     }
-
-
-def _iso(epoch_s: float) -> str:
-    moment = datetime.fromtimestamp(epoch_s, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -190,4 +190,5 @@ async def admin_overview(request: Request) -> Response:
     """Everything the dashboard at /ui shows, from memory."""
     services = _services(request)
     view = await services.catalog.view()
-    return JSONResponse(overview(services, view, request.app.state.restart))
+    app = request.app
+    return JSONResponse(overview(services, view, app.state.restart, app.version))
