@@ -18,8 +18,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,11 +53,10 @@ from imageworks.backends.slot import (
     decide,
     next_deadline,
 )
+from imageworks.backends.slot_report import SlotReport
 
 log = logging.getLogger("imageworks.backends.gpu")
 
-_HISTORY = 200
-_SWAPS_KEPT = 10
 _CUT_SHORT_KEPT = 64  # generations whose "why were my requests cut short" is remembered
 
 
@@ -154,17 +151,9 @@ class GpuSlot(Generic[K, P, H]):
         self._started_at: dict[int, float] = {}
         self._next_lease = 0
         self._cut_short: dict[int, str] = {}
-        self._history: deque[tuple[float, str, str]] = deque(maxlen=_HISTORY)
         self._last_swap_s: float | None = None
         self._owner: asyncio.Task[None] | None = None
-        # For the status only (wall-clock times): since when the current phase (and holder) is
-        # what it is, the step a start has reached, the last swaps and when the error arose.
-        self._phase: tuple[int, Phase] | None = None
-        self._phase_since = time.time()
-        self._holder_since: float | None = None
-        self._start_step: str | None = None
-        self._swaps: deque[tuple[float, str, float]] = deque(maxlen=_SWAPS_KEPT)
-        self._error: tuple[float, str] | None = None  # (when, model) of state.last_error
+        self._report = SlotReport()
 
     # -- the front door -----------------------------------------------------------------------
 
@@ -263,49 +252,7 @@ class GpuSlot(Generic[K, P, H]):
         return current.holder if current is not None else None
 
     def status(self) -> dict[str, object]:
-        state, current = self._state, self._state.current
-        waiting: dict[str, int] = {}
-        for waiter in state.queue:
-            name = "(stop)" if waiter.key is None else str(waiter.key)
-            waiting[name] = waiting.get(name, 0) + 1
-        has_process = current is not None and current.phase is not Phase.STARTING
-        return {
-            "holder": str(current.key) if current is not None and has_process else None,
-            "starting": str(current.key) if current and not has_process else None,
-            "pid": current.holder.pid if current and current.holder is not None else None,
-            "state": current.phase.value if current is not None else "empty",
-            "activity": self._activity(),
-            "phase_since": self._phase_since,
-            "holder_since": self._holder_since if has_process else None,
-            "active_requests": len(current.leases) if current is not None else 0,
-            "waiting": waiting,
-            "swaps": state.swaps,
-            "last_swaps": [
-                {"at": at, "model": model, "duration_s": round(seconds, 3)}
-                for at, model, seconds in self._swaps
-            ],
-            "last_error": state.last_error,
-            "last_error_at": self._error[0] if self._error and state.last_error else None,
-            "last_error_model": self._error[1] if self._error and state.last_error else None,
-            # (wall-clock time, event, model): every start and stop, oldest first
-            "history": [
-                {"at": at, "event": event, "model": model} for at, event, model in self._history
-            ],
-        }
-
-    def _activity(self) -> str:
-        """What the slot is doing, in words: idle, serving, draining (a swap or stop waits for
-        the holder's requests), stopping, stuck, or the step a start has reached."""
-        state, current = self._state, self._state.current
-        if current is None:
-            return "idle"
-        if current.phase is Phase.STARTING:
-            return self._start_step or "starting"
-        if current.phase is Phase.READY:
-            if any(waiter.key != current.key for waiter in state.queue):
-                return "draining"
-            return "serving" if current.leases else "idle"
-        return str(current.phase.value)  # stopping, stuck
+        return self._report.status(self._state)
 
     # -- the owner ------------------------------------------------------------------------------
 
@@ -335,9 +282,7 @@ class GpuSlot(Generic[K, P, H]):
         self, message: Message | StartProgress, reply: asyncio.Future[Any] | None, now: float
     ) -> None:
         if isinstance(message, StartProgress):
-            current = self._state.current
-            if current is not None and current.generation == message.generation:
-                self._start_step = message.step
+            self._report.start_step(self._state, message.generation, message.step)
             return
         if isinstance(message, Wanted) and reply is not None:
             self._waiting[message.waiter.id] = reply
@@ -348,32 +293,12 @@ class GpuSlot(Generic[K, P, H]):
             self._last_swap_s = now - self._started_at.pop(message.generation)
             if self._state.current is not None:
                 model = str(self._state.current.key)
-                self._swaps.append((time.time(), model, self._last_swap_s))
+                self._report.swapped(model, self._last_swap_s)
                 if self._on_swap is not None:
                     self._on_swap(model, self._last_swap_s)
         error_before = self._state.last_error
         self._apply(message, now)
-        self._note_phase(error_before)
-
-    def _note_phase(self, error_before: str | None) -> None:
-        """Stamp phase changes (and a new error) with the wall-clock time, for the status."""
-        current = self._state.current
-        phase = (current.generation, current.phase) if current is not None else None
-        if phase != self._phase:
-            self._phase, self._phase_since = phase, time.time()
-            if current is None or current.phase is not Phase.STARTING:
-                self._start_step = None
-            if current is not None and current.phase is Phase.READY:
-                self._holder_since = self._phase_since
-            elif current is None:
-                self._holder_since = None
-        error = self._state.last_error
-        if error is not None and error != error_before:
-            model = str(current.key) if current is not None else self._last_model()
-            self._error = (time.time(), model)
-
-    def _last_model(self) -> str:
-        return self._history[-1][2] if self._history else ""
+        self._report.applied(self._state, error_before)
 
     def _notice_death(self, key: Hashable | None) -> None:
         """A request for the holder finds out whether its process still lives (pid and start
@@ -432,7 +357,7 @@ class GpuSlot(Generic[K, P, H]):
                         del self._cut_short[old]
                 self._spawn(generation, self._stop(generation, holder))
             case Note(event, key, detail):
-                self._history.append((time.time(), event, str(key)))
+                self._report.noted(event, str(key))
                 log.info("GPU slot: %s %s%s", event, key, f": {detail}" if detail else "")
 
     def _spawn(self, generation: int, work: Any) -> None:
