@@ -16,7 +16,7 @@ from openai import OpenAI
 
 from conftest import make_demo_workspace
 from imageworks.backends.base import Dialect, Target
-from imageworks.chat_proxy.forwarding import Forwarder
+from imageworks.chat_proxy.forwarding import Forwarder, new_session
 from imageworks.chat_proxy.requests import parse_chat_request
 from imageworks.chat_proxy.usage import Generated, count_usage, tokenizer_for
 from support.proxy_process import RunningProxy, Workspace
@@ -208,8 +208,8 @@ async def test_usage_counted_by_llama_server_endpoints_is_what_it_reports(
     system = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
     question = {"role": "user", "content": "What is 2+2?"}
     finishes: set[str] = set()
-    async with httpx.AsyncClient(timeout=60) as client:
-        forwarder = Forwarder(client, backend_timeout_s=60, stream_idle_timeout_s=60)
+    async with new_session() as session:
+        forwarder = Forwarder(session, backend_timeout_s=60, stream_idle_timeout_s=60)
         for max_tokens in (3, 100):  # cut off (`length`), and ended by the model (`stop`)
             body = {"messages": [system, question], "max_tokens": max_tokens, "temperature": 0}
             typed = parse_chat_request(json.dumps({"model": target.model, **body}).encode())

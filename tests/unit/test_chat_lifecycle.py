@@ -1,5 +1,6 @@
 """ChatService as one owner per request, with fakes at its seams: a scripted lease (the GPU
-slot's contract), an httpx MockTransport upstream, and an in-memory request log."""
+slot's contract), a scripted aiohttp upstream on loopback (the forwarder's session resolves the
+target's host to it), and an in-memory request log."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from conftest import write_json
 from imageworks.backends.base import BackendBusy, BackendNotReady, Dialect, Target
@@ -94,19 +97,74 @@ class Harness:
         return sent
 
 
-Upstream = Callable[[httpx.Request], Awaitable[httpx.Response]]
+Upstream = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def _echo(request: httpx.Request) -> httpx.Response:
+async def _echo(request: web.Request) -> web.StreamResponse:
     choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}}
-    return httpx.Response(200, json={"object": "chat.completion", "choices": [choice]})
+    return web.json_response({"object": "chat.completion", "choices": [choice]})
+
+
+class ScriptedUpstream:
+    """An aiohttp server on loopback answering with whichever `Upstream` a test chose."""
+
+    def __init__(self) -> None:
+        self.answer: Upstream = _echo
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await self.answer(request)
+
+
+class ToUpstream(AbstractResolver):
+    """Resolves every host to the scripted upstream (TARGET's host is not a real name)."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[ResolveResult]:
+        address: ResolveResult = {
+            "hostname": host,
+            "host": "127.0.0.1",
+            "port": self._port,
+            "family": 2,  # AF_INET
+            "proto": 0,
+            "flags": 0,
+        }
+        return [address]
+
+    async def close(self) -> None:
+        pass
 
 
 @pytest.fixture
-def make(tmp_path: Path) -> Callable[..., Harness]:
-    def build(
-        backend: FakeBackend, upstream: Upstream = _echo, heartbeat_s: float = 5.0
-    ) -> Harness:
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    scripted = ScriptedUpstream()
+    # handler_cancellation: a handler whose client (the proxy) hung up stops, as a backend would.
+    server = web.Server(scripted.handle, handler_cancellation=True)
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    scripted.port = runner.addresses[0][1]
+    yield scripted
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def session(upstream: ScriptedUpstream) -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(resolver=ToUpstream(upstream.port))
+    async with aiohttp.ClientSession(connector=connector) as client:
+        yield client
+
+
+@pytest.fixture
+def make(
+    tmp_path: Path, upstream: ScriptedUpstream, session: aiohttp.ClientSession
+) -> Callable[..., Harness]:
+    scripted = upstream
+
+    def build(backend: FakeBackend, answer: Upstream = _echo, heartbeat_s: float = 5.0) -> Harness:
         write_json(
             tmp_path / "model_registry.curated.json",
             [{"name": "m", "backend": "external", "backend_config": {"base_url": TARGET.base_url}}],
@@ -118,8 +176,8 @@ def make(tmp_path: Path) -> Callable[..., Harness]:
         router = BackendRouter(
             managed=backend, ollama=backend, external=backend, vllm_single_port=True
         )
-        client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-        forwarder = Forwarder(client, backend_timeout_s=5, stream_idle_timeout_s=5)
+        scripted.answer = answer
+        forwarder = Forwarder(session, backend_timeout_s=5, stream_idle_timeout_s=5)
         log, metrics = MemoryLog(), Metrics()
         service = ChatService(catalog, router, forwarder, log, metrics, chat_rules(settings))
         return Harness(service, log, metrics)
@@ -275,7 +333,7 @@ async def test_chat_client_leaving_while_the_backend_answers_releases_the_lease(
 ) -> None:
     asked = asyncio.Event()
 
-    async def hanging(request: httpx.Request) -> httpx.Response:
+    async def hanging(request: web.Request) -> web.StreamResponse:
         asked.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
@@ -300,14 +358,8 @@ async def test_chat_stream_the_backend_ends_with_an_error_event_is_an_error_said
     failure = {"error": {"message": "CUDA out of memory", "type": "server_error"}}
     sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in (role, failure))
 
-    async def sent_by_backend() -> AsyncIterator[bytes]:
-        yield sse
-        yield b"data: [DONE]\n\n"
-
-    async def failing(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            200, content=sent_by_backend(), headers={"content-type": "text/event-stream"}
-        )
+    async def failing(request: web.Request) -> web.StreamResponse:
+        return await event_stream(request, [sse, b"data: [DONE]\n\n"])
 
     harness = make(FakeBackend(), failing)
     status, _, body = status_and_body(await harness.send(chat(stream=True)))
@@ -336,16 +388,21 @@ STREAM = (
 )
 
 
-def vllm_without_usage(tokenize: httpx.Response) -> Upstream:
-    async def upstream(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/tokenize":
-            return tokenize
+async def event_stream(request: web.Request, chunks: list[bytes]) -> web.StreamResponse:
+    """A server-sent event stream, written chunk by chunk."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for chunk in chunks:
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
-        async def events() -> AsyncIterator[bytes]:
-            yield STREAM
 
-        headers = {"content-type": "text/event-stream"}
-        return httpx.Response(200, content=events(), headers=headers)
+def vllm_without_usage(tokenize_status: int, tokenize_body: dict[str, Any]) -> Upstream:
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        if request.path == "/tokenize":
+            return web.json_response(tokenize_body, status=tokenize_status)
+        return await event_stream(request, [STREAM])
 
     return upstream
 
@@ -361,8 +418,7 @@ async def test_chat_stream_usage_counted_by_the_backend_tokenizer(
     make: Callable[..., Harness],
 ) -> None:
     vllm = Target(TARGET.base_url, "m", "vllm:m", dialect=Dialect.VLLM)
-    counts = httpx.Response(200, json={"count": 4})
-    harness = make(FakeBackend(granted(vllm)), vllm_without_usage(counts))
+    harness = make(FakeBackend(granted(vllm)), vllm_without_usage(200, {"count": 4}))
     sent = await harness.send(chat(stream=True, stream_options={"include_usage": True}))
     _, _, body = status_and_body(sent)
     assert usage_of_events(body) == [
@@ -376,8 +432,8 @@ async def test_chat_stream_usage_the_backend_cannot_count_is_left_out(
     make: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
     vllm = Target(TARGET.base_url, "m", "vllm:m", dialect=Dialect.VLLM)
-    broken = httpx.Response(500, json={"error": "tokenizer crashed"})
-    harness = make(FakeBackend(granted(vllm)), vllm_without_usage(broken))
+    broken = {"error": "tokenizer crashed"}
+    harness = make(FakeBackend(granted(vllm)), vllm_without_usage(500, broken))
     sent = await harness.send(chat(stream=True, stream_options={"include_usage": True}))
     _, _, body = status_and_body(sent)
     assert usage_of_events(body) == []
@@ -403,7 +459,7 @@ def late_lease(after_s: float) -> Lease:
 async def test_chat_time_is_split_into_queue_upstream_and_proxy(
     make: Callable[..., Harness],
 ) -> None:
-    async def slow_echo(request: httpx.Request) -> httpx.Response:
+    async def slow_echo(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(0.05)
         return await _echo(request)
 

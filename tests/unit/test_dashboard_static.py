@@ -8,10 +8,10 @@ from html.parser import HTMLParser
 from importlib.resources import files
 
 import pytest
-from fastapi import FastAPI
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from imageworks.chat_proxy.dashboard import CONTENT_SECURITY_POLICY, dashboard_router
+from imageworks.chat_proxy.dashboard import CONTENT_SECURITY_POLICY, dashboard_routes
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -21,9 +21,7 @@ FILES = ("index.html", "app.js", "style.css")
 
 @pytest.fixture
 def client() -> TestClient:
-    app = FastAPI()
-    app.include_router(dashboard_router())
-    return TestClient(app)
+    return TestClient(Starlette(routes=dashboard_routes()))
 
 
 class _Tags(HTMLParser):

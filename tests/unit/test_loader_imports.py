@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(60)
 
-WEB_MODULES = ("starlette", "fastapi", "uvicorn", "imageworks.chat_proxy.services")
+WEB_MODULES = ("starlette", "fastapi", "uvicorn", "aiohttp", "imageworks.chat_proxy.services")
 
 
 def test_loader_imports_none_of_the_proxy_web_wiring() -> None:

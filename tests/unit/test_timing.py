@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
@@ -186,10 +188,10 @@ def test_server_timing_is_on_the_500_answering_an_unhandled_error(tmp_path: Path
     settings = ProxySettings(log_path=tmp_path / "log.jsonl")  # built, not started
     app = create_app(settings, RegistrySettings(registry_dir=tmp_path))
 
-    async def broken() -> None:
+    async def broken(_: Request) -> Response:
         raise RuntimeError("a bug")
 
-    app.add_api_route("/broken", broken)
+    app.add_route("/broken", broken)
     response = TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False).get(
         "/broken"
     )

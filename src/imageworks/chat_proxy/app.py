@@ -10,18 +10,20 @@ from contextlib import asynccontextmanager
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI, Request
 from pydantic import ValidationError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
-from imageworks.chat_proxy.dashboard import dashboard_router
+from imageworks.chat_proxy.dashboard import dashboard_routes
 from imageworks.chat_proxy.guard import AccessGuard, startup_warnings
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
 from imageworks.chat_proxy.restart import RestartControl, SocketHandover, listening_socket
-from imageworks.chat_proxy.routes import root_router, router
+from imageworks.chat_proxy.routes import API_ROUTES, CHAT_PATH, SCRAPE_ROUTES, ChatEndpoint
 from imageworks.chat_proxy.services import running_services
 from imageworks.chat_proxy.timing import ServerTiming, timing_headers
 from imageworks.config import RegistrySettings
@@ -31,46 +33,38 @@ from imageworks.registry.store import RegistryStore
 log = logging.getLogger("imageworks.chat_proxy")
 
 
-def create_app(settings: ProxySettings, registry: RegistrySettings | None = None) -> FastAPI:
+VERSION = "0.1.0"
+
+
+def create_app(settings: ProxySettings, registry: RegistrySettings | None = None) -> Starlette:
     registry_settings = registry or RegistrySettings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with running_services(settings, registry_settings) as services:
             app.state.services = services
             yield
 
-    app = FastAPI(
-        title="ImageWorks Chat Proxy",
-        version="0.1.0",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    app.include_router(router)
-    app.include_router(root_router)
-    app.include_router(dashboard_router())
+    app = Starlette(routes=[*API_ROUTES, *SCRAPE_ROUTES, *dashboard_routes()], lifespan=lifespan)
+    app.state.version = VERSION
     app.state.restart = RestartControl(settings.restart_mode)
-    # FastAPI's own document cannot see what the chat route reads itself: ours is written out.
-    app.state.openapi = json_bytes(openapi_document(app.version))
+    # Written out (openapi.py): the chat route reads its body itself, so no generator sees it.
+    app.state.openapi = json_bytes(openapi_document(VERSION))
 
-    @app.exception_handler(ProxyError)
-    async def proxy_error(_: Request, exc: ProxyError) -> JSONResponse:
+    async def proxy_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ProxyError)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = error_body(str(exc.detail), type_, code=str(exc.status_code))
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(RegistryError)
-    async def registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+    async def registry_error(_: Request, exc: Exception) -> JSONResponse:
         body = error_body(f"The model registry cannot be read: {exc}", "server_error")
         return JSONResponse(body, status_code=503)
 
-    @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not a client error: log it fully, answer in the OpenAI shape all the same.
         # (Chat completions never get here: their own owner records and answers them.)
@@ -79,12 +73,33 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
         headers = timing_headers(request.scope)  # this answer bypasses the middleware
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
-    # Starlette wraps each added middleware around the earlier ones: every route (the dashboard
-    # and metrics included) is behind the guard, and Server-Timing, outermost, times every
-    # answer, the guard's refusals too.
+    app.add_exception_handler(ProxyError, proxy_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RegistryError, registry_error)
+    app.add_exception_handler(Exception, unexpected)
+    # Starlette wraps each added middleware around the earlier ones: the chat fast path is
+    # innermost, every route (the dashboard and metrics included) is behind the guard, and
+    # Server-Timing, outermost, times every answer, the guard's refusals too.
+    app.add_middleware(ChatFastPath)
     app.add_middleware(AccessGuard, settings=settings)
     app.add_middleware(ServerTiming)
     return app
+
+
+class ChatFastPath:
+    """The hot path: a chat completion goes straight to its endpoint, past Starlette's
+    exception middleware and router (the same endpoint the router would call: the route table
+    alone would serve it right, only slower)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.chat = ChatEndpoint()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
+            await self.chat(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def main() -> int:
@@ -171,7 +186,7 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def _begin_shutdown(app: FastAPI, handover: SocketHandover, server: _Server) -> None:
+def _begin_shutdown(app: Starlette, handover: SocketHandover, server: _Server) -> None:
     """A stop answers the requests waiting for a model with a 503 at once, instead of holding
     the graceful shutdown until they time out; a restart serves them (they were accepted). Only
     a restart by exec keeps the listening socket: otherwise nobody would answer the connections

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +47,7 @@ from imageworks.chat_proxy.protocol import (
     QueueTimeout,
     StreamTruncated,
     json_bytes,
+    parse_json,
     sse_event,
 )
 from imageworks.chat_proxy.requests import (
@@ -362,8 +362,8 @@ class ChatService:
         if not data.startswith(b"data:"):
             return
         try:
-            chunk = json.loads(data[5:])
-        except ValueError:
+            chunk = parse_json(data[5:])
+        except (ValueError, UnicodeDecodeError):
             return
         if not isinstance(chunk, dict):
             return

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from fastapi import APIRouter
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 # Everything the page loads comes from the proxy itself: no CDN, no inline script or style.
 CONTENT_SECURITY_POLICY = (
@@ -21,7 +22,7 @@ ASSETS = {
 }
 
 
-def dashboard_router() -> APIRouter:
+def dashboard_routes() -> list[BaseRoute]:
     """`GET /ui` (and `/ui/`) is the page; `/ui/app.js` and `/ui/style.css` its script and style."""
     folder = files("imageworks.chat_proxy").joinpath("ui")
     headers = {
@@ -34,23 +35,16 @@ def dashboard_router() -> APIRouter:
         name: (folder.joinpath(name).read_bytes(), media_type)
         for name, media_type in ASSETS.items()
     }
-    router = APIRouter(prefix="/ui", include_in_schema=False)
 
-    def serve(name: str) -> Response:
+    def serving(name: str) -> Route:
         body, media_type = responses[name]
-        return Response(body, media_type=media_type, headers=headers)
 
-    @router.get("")
-    @router.get("/")
-    async def page() -> Response:
-        return serve("index.html")
+        async def serve(_: Request) -> Response:
+            return Response(body, media_type=media_type, headers=headers)
 
-    @router.get("/app.js")
-    async def script() -> Response:
-        return serve("app.js")
+        path = "/ui/" + name if name != "index.html" else "/ui"
+        return Route(path, serve, methods=["GET"], include_in_schema=False)
 
-    @router.get("/style.css")
-    async def style() -> Response:
-        return serve("style.css")
-
-    return router
+    page = serving("index.html")
+    also_page = Route("/ui/", page.endpoint, methods=["GET"], include_in_schema=False)
+    return [page, also_page, serving("app.js"), serving("style.css")]

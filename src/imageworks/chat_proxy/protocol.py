@@ -33,6 +33,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 SSE_DONE = b"data: [DONE]\n\n"
 _ERROR_FIELDS = ("message", "type", "param", "code")
 # Containers nested deeper than this are refused before any parser recurses into them.
@@ -164,7 +166,7 @@ def upstream_error(status: int, content: bytes, backend: str) -> ProxyError:
     a 5xx is the backend failing, so it becomes a 502 that quotes what the backend said, unless
     it is a backend blaming the request with the wrong status (then it is the client's 400)."""
     try:
-        parsed: Any = json.loads(content)
+        parsed: Any = parse_json(content)
     except (ValueError, UnicodeDecodeError):
         parsed = None
     said = _error_message(parsed) or content[:300].decode("utf-8", "replace").strip()
@@ -276,8 +278,31 @@ def _error_message(parsed: Any) -> str | None:
 
 
 def json_bytes(data: Any) -> bytes:
-    """Compact UTF-8 JSON: the encoding of every body and event the proxy writes itself."""
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact UTF-8 JSON: the encoding of every body and event the proxy writes itself.
+
+    orjson, about ten times faster than the json module; what it refuses but JSON can say (an
+    integer beyond 64 bits, a dict key that is not a string) goes through the json module."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON from a backend, parsed by orjson (about five times faster than the json module).
+    orjson reads an integer beyond 64 bits as a float, so a document with a run of 19 digits
+    (which may be one) goes to the json module, as does one orjson refuses (NaN, which the
+    json module takes). ValueError if it is not JSON."""
+    if _LONG_DIGITS.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:  # a ValueError
+            pass
+    return json.loads(raw)
+
+
+# Integers orjson reads exactly have at most 18 digits (int64 holds 18 digits, and some of 19).
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def sse_event(data: Mapping[str, Any]) -> bytes:

@@ -1,4 +1,8 @@
-"""Thin HTTP handlers: each one reads the request, asks a service, and returns its answer."""
+"""Thin HTTP handlers: each one reads the request, asks a service, and returns its answer.
+
+`API_ROUTES` and `SCRAPE_ROUTES` are the app's table. The chat completion, `ChatEndpoint`, is a
+plain ASGI app; `app.py` also puts it in front of the router, so the hot path meets no routing,
+no request object and no exception middleware."""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ import json
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from imageworks.backends.base import BackendNotReady
 from imageworks.chat_proxy.overview import overview
@@ -21,15 +27,15 @@ from imageworks.chat_proxy.protocol import (
     InvalidRequest,
     NotFoundError,
     ProxyError,
+    json_bytes,
     json_shape_problem,
 )
 from imageworks.chat_proxy.restart import RestartControl, RestartUnavailable
 from imageworks.chat_proxy.services import Services, reload_registry
+from imageworks.chat_proxy.sse import ClientGone, Reply
 from imageworks.chat_proxy.timing import request_timing
 
-router = APIRouter(prefix="/v1")
-# Beside the API: `/metrics` is where Prometheus looks by default.
-root_router = APIRouter()
+CHAT_PATH = "/v1/chat/completions"
 
 
 def _services(request: Request) -> Services:
@@ -37,58 +43,82 @@ def _services(request: Request) -> Services:
     return services
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     """The body, read from the ASGI stream and counted as it arrives: beyond `limit` bytes it
     is a 413 at once (a Content-Length over it before a byte is read), and the rest is never
-    read (the 413 closes the connection; uvicorn stops reading a socket whose buffer is full)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    read (the 413 closes the connection; uvicorn stops reading a socket whose buffer is full).
+    `ClientGone` if the client leaves before it is all there."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone("the client left before its request body was read")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)  # one chunk, the usual body: that very object, no copy
 
 
-@router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
+def _content_length(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return bytes(value)
+    return None
+
+
+async def _request_body(request: Request, limit: int) -> bytes:
+    return await _read_body(
+        request.receive, request.headers.get("content-length", "").encode(), limit
+    )
+
+
+class ChatEndpoint:
+    """`POST /v1/chat/completions`, as a plain ASGI app: the body is read here, and the chat
+    service's response runs the whole request (and stops it the moment the client leaves)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services: Services = scope["app"].state.services  # Starlette puts itself in the scope
+        limit = services.settings.max_body_bytes
+        try:
+            body = await _read_body(receive, _content_length(scope), limit)
+        except BodyTooLarge as error:
+            services.chat.refused(error)
+            await Reply(send).fail(error)
+            return
+        except ClientGone:
+            return  # nothing was accepted: there is no one to answer
+        await services.chat.handle(body, request_timing(scope))(scope, receive, send)
+
+
+async def health(request: Request) -> Response:
     services = _services(request)
-    return {
-        "status": "ok",
-        "uptime_s": round(time.monotonic() - services.started, 3),
-        "registry_entries": services.catalog.entry_count(),
-        "active_backend": services.slot.holder_model,
-        "slot": services.slot.status(),
-    }
+    return _json(
+        {
+            "status": "ok",
+            "uptime_s": round(time.monotonic() - services.started, 3),
+            "registry_entries": services.catalog.entry_count(),
+            "active_backend": services.slot.holder_model,
+            "slot": services.slot.status(),
+        }
+    )
 
 
-@router.get("/models")
 async def models(request: Request) -> Response:
     view = await _services(request).catalog.view()
     return Response(view.listing, media_type="application/json")
 
 
-@router.get("/models/{model_id:path}")
-async def model(request: Request, model_id: str) -> Response:
+async def model(request: Request) -> Response:
     # The path arrives percent-decoded (`smollm2%20135m%20(Q4%201)`); ids may contain `/`.
+    model_id: str = request.path_params["model_id"]
     catalog = _services(request).catalog
     return Response(catalog.model(await catalog.view(), model_id), media_type="application/json")
-
-
-@router.post("/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    services = _services(request)
-    try:
-        body = await _read_body(request, services.settings.max_body_bytes)
-    except BodyTooLarge as error:
-        services.chat.refused(error)
-        raise
-    # The response runs the whole request, and stops it the moment the client goes away.
-    return services.chat.handle(body, request_timing(request.scope))
 
 
 def _metrics_disabled() -> Response:
@@ -99,16 +129,13 @@ def _metrics_disabled() -> Response:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     services = _services(request)
     if not services.settings.enable_metrics:
         return _metrics_disabled()
-    return JSONResponse({**services.metrics.snapshot(), "slot": services.slot.status()})
+    return _json({**services.metrics.snapshot(), "slot": services.slot.status()})
 
 
-# Not in the OpenAPI document: a scrape target, not part of the API (see prometheus.py).
-@root_router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(request: Request) -> Response:
     prometheus = _services(request).prometheus
     if prometheus is None:
@@ -116,7 +143,6 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(prometheus.exposition(), headers={"content-type": CONTENT_TYPE_LATEST})
 
 
-@router.get("/openapi.json")
 async def openapi(request: Request) -> Response:
     document: bytes = request.app.state.openapi
     return Response(document, media_type="application/json")
@@ -134,16 +160,14 @@ async def _admin_status(services: Services) -> dict[str, Any]:
     return {"slot": services.slot.status(), "state_file": await asyncio.to_thread(read_state)}
 
 
-@router.get("/admin/status")
-async def admin_status(request: Request) -> dict[str, Any]:
-    return await _admin_status(_services(request))
+async def admin_status(request: Request) -> Response:
+    return _json(await _admin_status(_services(request)))
 
 
-@router.post("/admin/activate")
 async def admin_activate(request: Request) -> Response:
     """Load a model now (as a request for it would), and answer once it is ready."""
     services = _services(request)
-    raw = await _read_body(request, services.settings.max_body_bytes) or b"{}"
+    raw = await _request_body(request, services.settings.max_body_bytes) or b"{}"
     try:
         body = None if json_shape_problem(raw, MAX_JSON_DEPTH) else json.loads(raw)
     except ValueError:
@@ -151,10 +175,9 @@ async def admin_activate(request: Request) -> Response:
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         raise InvalidRequest('The body must be {"model": "<name>"}.', param="model")
     await services.chat.activate(body["model"])
-    return JSONResponse(await _admin_status(services))
+    return _json(await _admin_status(services))
 
 
-@router.post("/admin/stop")
 async def admin_stop(request: Request) -> Response:
     """Stop the model holding the GPU once its requests have finished (requests arriving
     meanwhile wait behind the stop)."""
@@ -163,17 +186,15 @@ async def admin_stop(request: Request) -> Response:
         await services.slot.stop()
     except BackendNotReady as exc:  # the process survived the stop: the slot keeps it
         raise BackendUnavailable(str(exc), code="stop_failed") from exc
-    return JSONResponse(await _admin_status(services))
+    return _json(await _admin_status(services))
 
 
-@router.post("/admin/reload")
 async def admin_reload(request: Request) -> Response:
     """Re-read the registry now (edits are noticed within a second anyway): the answer says
     what was read, and a broken registry is a 503 naming the problem (the old one still serves)."""
-    return JSONResponse(await reload_registry(_services(request)))
+    return _json(await reload_registry(_services(request)))
 
 
-@router.post("/admin/restart")
 async def admin_restart(request: Request) -> Response:
     """Drain, stop the model (unless CHAT_PROXY_LEAVE_MODEL_RUNNING=1) and start afresh: by exec
     in the same process, or (CHAT_PROXY_RESTART_MODE=exit) by exiting for Docker or systemd."""
@@ -182,13 +203,37 @@ async def admin_restart(request: Request) -> Response:
         restart.request()
     except RestartUnavailable as exc:
         raise BackendUnavailable(str(exc), code="restart_unavailable") from exc
-    return JSONResponse({"restarting": True, "mode": restart.mode}, status_code=202)
+    return _json({"restarting": True, "mode": restart.mode}, status=202)
 
 
-@router.get("/admin/overview")
 async def admin_overview(request: Request) -> Response:
     """Everything the dashboard at /ui shows, from memory."""
     services = _services(request)
     view = await services.catalog.view()
-    app = request.app
-    return JSONResponse(overview(services, view, app.state.restart, app.version))
+    state = request.app.state
+    return _json(overview(services, view, state.restart, state.version))
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json_bytes(data), status_code=status, media_type="application/json")
+
+
+# The API's routes, in the order of the OpenAPI document (openapi.py).
+API_ROUTES: list[BaseRoute] = [
+    Route("/v1/health", health, methods=["GET"]),
+    Route("/v1/models", models, methods=["GET"]),
+    Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+    Route(CHAT_PATH, ChatEndpoint(), methods=["POST"]),
+    Route("/v1/metrics", metrics, methods=["GET"]),
+    Route("/v1/openapi.json", openapi, methods=["GET"]),
+    Route("/v1/admin/status", admin_status, methods=["GET"]),
+    Route("/v1/admin/activate", admin_activate, methods=["POST"]),
+    Route("/v1/admin/stop", admin_stop, methods=["POST"]),
+    Route("/v1/admin/reload", admin_reload, methods=["POST"]),
+    Route("/v1/admin/restart", admin_restart, methods=["POST"]),
+    Route("/v1/admin/overview", admin_overview, methods=["GET"]),
+]
+# Beside the API, and not in its document: `/metrics` is where Prometheus looks by default.
+SCRAPE_ROUTES: list[BaseRoute] = [
+    Route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
+]

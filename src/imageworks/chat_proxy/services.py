@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import httpx
+
 from imageworks.backends.autostart import Autostarter
 from imageworks.backends.base import BackendNotReady
 from imageworks.backends.external import ExternalBackend
@@ -31,7 +33,7 @@ from imageworks.backends.state import StateFile
 from imageworks.chat_proxy.catalog import Catalog
 from imageworks.chat_proxy.chat import ChatRules, ChatService
 from imageworks.chat_proxy.config import ProxySettings
-from imageworks.chat_proxy.forwarding import Forwarder, new_client
+from imageworks.chat_proxy.forwarding import Forwarder, new_session
 from imageworks.chat_proxy.launching import launch_settings
 from imageworks.chat_proxy.normalize.request import RequestRules
 from imageworks.chat_proxy.normalize.vision import ImagePolicy
@@ -104,7 +106,8 @@ async def running_services(
     def idle_ttl(entry: RegistryEntry) -> float | None:
         return entry.ttl_s or settings.idle_ttl_s or None
 
-    client = new_client()
+    # httpx for the calls beside the chat path (Ollama's model list, autostart health checks)
+    client = httpx.AsyncClient(trust_env=False)
     metrics = Metrics(settings.metrics_window_s)
     state_file = StateFile(settings.vllm_state_path)
     ollama_managers: dict[str, OllamaManager] = {}
@@ -184,7 +187,8 @@ async def running_services(
         log_prompts=settings.log_prompts,
     )
     request_log.start()
-    forwarder = Forwarder(client, settings.backend_timeout_s, settings.stream_idle_timeout_s)
+    session = new_session()  # the chat path's own client (see forwarding.py)
+    forwarder = Forwarder(session, settings.backend_timeout_s, settings.stream_idle_timeout_s)
     chat = ChatService(
         catalog, router, forwarder, request_log, metrics, chat_rules(settings), prometheus
     )
@@ -207,6 +211,7 @@ async def running_services(
             stop_holder=not settings.leave_model_running,
             timeout_s=settings.vllm_stop_timeout_s + 20,
         )
+        await session.close()
         await client.aclose()
         await asyncio.to_thread(request_log.close)
 

@@ -50,12 +50,15 @@ class HttpServedModels:
     """Asks backends over HTTP with one short timeout per request."""
 
     def __init__(self, timeout_s: float) -> None:
-        self._timeout = httpx.Timeout(timeout_s)
+        # One client for every ask (its pool is thread-safe; the asks run in a few threads):
+        # a new one per request would load the CA bundle each time, ~10-20 ms of CPU holding
+        # the GIL that the proxy's event loop needs meanwhile.
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s))
 
     def served_models(self, query: ServedModelsQuery) -> frozenset[str] | None:
         path = "/api/tags" if query.api is ServedApi.OLLAMA else "/models"
         try:
-            response = httpx.get(query.url + path, timeout=self._timeout)
+            response = self._client.get(query.url + path)
             response.raise_for_status()
             body = response.json()
         except (httpx.HTTPError, ValueError):

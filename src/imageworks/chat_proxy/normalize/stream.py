@@ -11,7 +11,6 @@ sends when it gives up. Both look at the bytes first and parse only the rare eve
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -20,7 +19,7 @@ from imageworks.chat_proxy.normalize.tools import (
     ToolStreamNormalizer,
     may_need_tool_normalization,
 )
-from imageworks.chat_proxy.protocol import sse_event
+from imageworks.chat_proxy.protocol import parse_json, sse_event
 
 # A `finish_reason` key whose value is not null (in compact or spaced JSON). Inside a JSON
 # string the quotes would be escaped, so only a real key matches; the parse confirms it is a
@@ -96,7 +95,7 @@ def event_data(event: bytes) -> dict[str, Any] | None:
     if not data.startswith(b"data:"):
         return None
     try:
-        chunk = json.loads(data[5:])
-    except ValueError:
+        chunk = parse_json(data[5:])
+    except (ValueError, UnicodeDecodeError):
         return None
     return chunk if isinstance(chunk, dict) else None
