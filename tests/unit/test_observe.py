@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from imageworks.chat_proxy.observe import RETRY_INTERVAL_S, Metrics, RequestLog, RequestRecord
+from imageworks.chat_proxy.observe import (
+    RETRY_INTERVAL_S,
+    Metrics,
+    RequestLog,
+    RequestRecord,
+    _encode_line_with_json,
+)
 
 LOGGER = "imageworks.chat_proxy.observe"
 
@@ -39,8 +47,12 @@ def _record(request_id: str = "req-1", **changes: Any) -> RequestRecord:
     return dataclasses.replace(base, **changes)
 
 
+def _text(record: RequestRecord, log_prompts: bool = False) -> str:
+    return record.to_json_line(log_prompts).decode("utf-8")  # strict: the line is valid UTF-8
+
+
 def _parse(record: RequestRecord, log_prompts: bool = False) -> dict[str, Any]:
-    line = record.to_json_line(log_prompts)
+    line = _text(record, log_prompts)
     assert line.endswith("\n")
     assert line.count("\n") == 1
     parsed: dict[str, Any] = json.loads(line)
@@ -101,8 +113,8 @@ def test_record_json_line_has_the_request_timings_in_milliseconds() -> None:
 
 
 def test_record_json_line_is_compact() -> None:
-    assert ", " not in _record().to_json_line(False)
-    assert '": ' not in _record().to_json_line(False)
+    assert ", " not in _text(_record())
+    assert '": ' not in _text(_record())
 
 
 def test_record_json_line_error_keeps_status_and_one_line_message() -> None:
@@ -147,13 +159,13 @@ def test_record_json_line_includes_prompt_and_response_only_with_log_prompts() -
 
     assert "prompt" not in hidden
     assert "response" not in hidden
-    assert "secret plans" not in record.to_json_line(False)
+    assert "secret plans" not in _text(record)
     assert shown["prompt"] == [{"role": "user", "content": "secret plans"}]
     assert shown["response"] == "the answer"
 
 
 def test_record_json_line_keeps_non_ascii_text_readable() -> None:
-    line = _record(error="modèle introuvable: 模型").to_json_line(False)
+    line = _text(_record(error="modèle introuvable: 模型"))
 
     assert "modèle introuvable: 模型" in line
 
@@ -162,6 +174,90 @@ def test_record_has_no_place_for_headers() -> None:
     fields = {field.name for field in dataclasses.fields(RequestRecord)}
 
     assert not {name for name in fields if "header" in name or "auth" in name}
+
+
+def test_record_json_line_is_exactly_the_documented_line() -> None:
+    # Byte for byte: key order, compact separators, rounding, one newline.
+    assert _record(ttft_ms=87.04, error="a\n b").to_json_line(False) == (
+        b'{"ts":"2023-11-14T22:13:20.123Z","request_id":"req-1","model_requested":"chat",'
+        b'"model_resolved":"llama-3-8b","backend":"llamacpp","stream":false,"status":200,'
+        b'"outcome":"ok","latency_ms":1234.6,"ttft_ms":87.0,"usage":{"prompt_tokens":10,'
+        b'"completion_tokens":20,"total_tokens":30},"error":"a b","queue_ms":null,'
+        b'"upstream_ms":null,"proxy_ms":null}\n'
+    )
+
+
+_JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text()
+
+
+def _json_values(scalars: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=12,
+    )
+
+
+@given(prompt=_json_values(_JSON_SCALARS), response=_json_values(_JSON_SCALARS))
+def test_record_json_line_is_json_dumps_byte_for_byte(prompt: Any, response: Any) -> None:
+    record = _record(prompt=prompt, response=response, error=str(prompt))
+
+    assert record.to_json_line(True) == _encode_line_with_json(record._line(True))
+
+
+@given(prompt=_json_values(_JSON_SCALARS | st.floats(allow_nan=False, allow_infinity=False)))
+def test_record_json_line_floats_mean_what_json_dumps_wrote(prompt: Any) -> None:
+    # Exponents are spelled differently (1e-05 or 0.00001), the numbers are the same.
+    record = _record(prompt=prompt, latency_ms=prompt if isinstance(prompt, float) else 1.0)
+
+    line = record.to_json_line(True)
+
+    assert json.loads(line) == json.loads(_encode_line_with_json(record._line(True)))
+
+
+def test_record_json_line_replaces_a_lone_surrogate_and_keeps_the_rest() -> None:
+    line = _record(prompt="bad \ud800 half", response="模型").to_json_line(True)
+
+    assert json.loads(line)["prompt"] == "bad ? half"  # as the json path has always written it
+    assert json.loads(line)["response"] == "模型"
+
+
+def test_record_json_line_takes_the_keys_and_integers_json_takes() -> None:
+    prompt = {7: "int", 2.5: "float", True: "bool", None: "none", "big": 2**70}
+
+    line = _record(prompt=prompt).to_json_line(True)
+
+    assert json.loads(line)["prompt"] == {
+        "7": "int",
+        "2.5": "float",
+        "true": "bool",
+        "null": "none",
+        "big": 2**70,
+    }
+
+
+def test_record_json_line_writes_what_json_cannot_encode_as_str() -> None:
+    @dataclasses.dataclass
+    class Part:
+        kind: str
+
+    class Image:
+        def __str__(self) -> str:
+            return "<image 3 MB>"
+
+    when = datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    prompt = {"when": when, "part": Part("text"), "image": Image(), "raw": b"\x00", "tags": {"a"}}
+
+    line = _record(prompt=prompt).to_json_line(True)
+
+    assert json.loads(line)["prompt"] == {
+        "when": "2023-11-14 22:13:20+00:00",
+        "part": "test_record_json_line_writes_what_json_cannot_encode_as_str.<locals>.Part"
+        "(kind='text')",
+        "image": "<image 3 MB>",
+        "raw": "b'\\x00'",
+        "tags": "{'a'}",
+    }
 
 
 # -- RequestLog ------------------------------------------------------------------------------------
@@ -295,6 +391,32 @@ def test_request_log_recovers_when_the_path_is_fixed(
     assert log.dropped == 1
     ours = [r for r in caplog.records if r.name == LOGGER]
     assert [r.levelno for r in ours] == [logging.WARNING, logging.INFO]
+
+
+def test_request_log_counts_a_record_no_encoder_takes_and_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    circular: list[Any] = []
+    circular.append(circular)
+    refused = [
+        _record("circular", prompt=circular),
+        _record("tuple-key", prompt={(1, 2): "x"}),
+        _record("unprintable", prompt=Unprintable()),
+    ]
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 10_000, log_prompts=True)
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        _write_all(log, [*refused, _record("fine")])
+
+    assert [line["request_id"] for line in _lines(path)] == ["fine"]
+    assert log.dropped == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert [message.split()[1] for message in warnings] == ["circular", "tuple-key", "unprintable"]
 
 
 def test_request_log_write_does_not_wait_for_a_stuck_disk(
