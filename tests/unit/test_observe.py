@@ -7,7 +7,9 @@ import json
 import logging
 import random
 import threading
+import time
 import weakref
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from imageworks.chat_proxy import observe
 from imageworks.chat_proxy.observe import (
+    BATCH_INTERVAL_S,
     RETRY_INTERVAL_S,
     Metrics,
     RequestLog,
@@ -481,6 +485,191 @@ def test_request_log_appends_after_a_half_written_line_on_a_fresh_line(tmp_path:
     assert json.loads(lines[0]) == {"request_id": "old"}
     assert json.loads(lines[-1])["request_id"] == "new"
     assert len(lines) == 3
+
+
+# -- RequestLog batches ----------------------------------------------------------------------------
+
+
+class Appends:
+    """Counts the log's write calls; `hold()` makes the first one wait until `release()`."""
+
+    def __init__(self, log: RequestLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        self.stuck, self._released = threading.Event(), threading.Event()
+        self._released.set()
+        real = log._append
+
+        def counted(data: bytes) -> None:
+            self.sizes.append(len(data))
+            self.stuck.set()
+            self._released.wait()
+            real(data)
+
+        monkeypatch.setattr(log, "_append", counted)
+
+    def hold(self) -> None:
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _ids(path: Path) -> list[str]:
+    return [line["request_id"] for line in _lines(path)]
+
+
+def _ids_so_far(path: Path) -> list[str]:
+    """The ids of the whole lines in `path` now, while the writer may be appending."""
+    whole = path.read_bytes().rpartition(b"\n")[0] if path.exists() else b""
+    return [json.loads(line)["request_id"] for line in whole.splitlines()]
+
+
+def test_request_log_writes_what_queued_meanwhile_in_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 1_000_000)
+    appends = Appends(log, monkeypatch)
+    appends.hold()
+    log.start()
+    log.write(_record("req-0"))
+    assert appends.stuck.wait(timeout=10)  # the writer took req-0 alone and is writing it
+    for i in range(1, 500):
+        log.write(_record(f"req-{i}"))
+    appends.release()
+    log.close()
+
+    assert _ids(path) == [f"req-{i}" for i in range(500)]
+    assert len(appends.sizes) == 2  # req-0, then the 499 queued while it was being written
+    assert sum(appends.sizes) == path.stat().st_size
+
+
+def test_request_log_wakes_at_most_every_batch_interval_under_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 1_000_000)
+    appends = Appends(log, monkeypatch)
+    log.start()
+    started = time.monotonic()
+    for i in range(2_000):
+        log.write(_record(f"req-{i}"))
+    busy_s = time.monotonic() - started
+    log.close()
+
+    assert _ids(path) == [f"req-{i}" for i in range(2_000)]
+    # One batch at once and one per interval while records kept coming; then at most the
+    # batch after the last pause and the last drain of close().
+    assert len(appends.sizes) <= 1 + busy_s / BATCH_INTERVAL_S + 2
+
+
+def test_request_log_writes_the_first_record_after_a_quiet_spell_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    monkeypatch.setattr(observe, "BATCH_INTERVAL_S", 0.01)
+    log = RequestLog(path, 1_000_000)
+    log.start()
+    log.write(_record("first"))
+    assert _wait_until(lambda: _ids_so_far(path) == ["first"])
+    assert _wait_until(lambda: log._idle)  # its pause is over and nothing came: quiet
+    # From now on the writer pauses for a minute after each batch: only the one that a record
+    # after a quiet spell starts at once can put that record on disk within the second.
+    monkeypatch.setattr(observe, "BATCH_INTERVAL_S", 60.0)
+    log.write(_record("after-quiet"))
+    assert _wait_until(lambda: _ids_so_far(path) == ["first", "after-quiet"], timeout_s=1.0)
+    log.write(_record("in-the-pause"))
+    started = time.monotonic()
+    log.close()
+
+    assert time.monotonic() - started < 5.0  # close() cut the minute short
+    assert _ids(path) == ["first", "after-quiet", "in-the-pause"]
+
+
+def test_request_log_rotation_cuts_a_batch_at_the_lines_that_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    max_bytes = 1_000
+    log = RequestLog(path, max_bytes, keep_files=100)
+    appends = Appends(log, monkeypatch)
+    appends.hold()
+    log.start()
+    log.write(_record("req-0"))
+    assert appends.stuck.wait(timeout=10)
+    for i in range(1, 60):
+        log.write(_record(f"req-{i}"))
+    appends.release()
+    log.close()
+
+    files = _log_files(path)
+    assert len(files) > 5
+    assert _ids(path) == [f"req-{i}" for i in range(60)]
+    for file, following in itertools.pairwise(files):
+        size = file.stat().st_size
+        first_of_next = len(following.read_bytes().splitlines(keepends=True)[0])
+        assert size <= max_bytes < size + first_of_next  # full: the next line did not fit
+    # req-0 alone, then the batch: one write per file it went to.
+    assert len(appends.sizes) == 1 + len(files)
+
+
+def test_request_log_close_writes_a_large_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 10_000_000, keep_files=10)
+    appends = Appends(log, monkeypatch)
+    appends.hold()
+    log.start()
+    log.write(_record("req-0"))
+    assert appends.stuck.wait(timeout=10)
+    for i in range(1, 10_000):
+        log.write(_record(f"req-{i}"))
+    appends.release()
+    log.close()
+
+    assert _ids(path) == [f"req-{i}" for i in range(10_000)]
+    assert log.dropped == 0
+
+
+def test_request_log_writers_racing_close_have_each_record_written_or_dropped(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 10_000_000)
+    log.start()
+    under_way = threading.Semaphore(0)
+
+    def writer(thread_no: int) -> None:
+        for i in range(5_000):
+            log.write(_record(f"t{thread_no}-{i}"))
+            if i == 100:
+                under_way.release()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert under_way.acquire(timeout=10)
+    log.close()
+    for thread in threads:
+        thread.join()
+
+    written = _ids(path)
+    assert len(written) + log.dropped == 4 * 5_000
+    for n in range(4):  # each thread's records up to where close() cut it, in order
+        mine = [request_id for request_id in written if request_id.startswith(f"t{n}-")]
+        assert mine == [f"t{n}-{i}" for i in range(len(mine))]
+        assert len(mine) > 100
 
 
 # -- Metrics ---------------------------------------------------------------------------------------
