@@ -13,16 +13,20 @@ prompts logged) and a record like the proxy's:
 - encode: `to_json_line` alone, per record (what the writer thread spends serialising).
 - burst: `write()` called back to back; wall time per call on the caller's thread (so it
   includes any wait for the GIL the writer thread holds): mean, and p50/p99 of timed calls.
-- paced: the caller does `--work-us` of pure-Python work before each record, as the event loop
-  does serving a request. Reported: how much longer that loop took than the same loop without a
-  log, per record (the GIL hand-overs the issue is about); the writer thread's CPU per record
-  (`time.thread_time` inside it); and how many write+flush calls it made.
+- paced: per record the caller does `--work-us` of pure-Python work, hands the record over and
+  polls for I/O (releasing the GIL), as the event loop does serving requests. Reported against
+  the same loop without a log (medians of `--repeats` runs): the caller's extra CPU and extra
+  time waiting although it had work (wall minus CPU: the GIL hand-overs the issue is about), per
+  record; how much longer the loop's slowest iterations took (p99, p99.9: what a request's tail
+  latency sees); the writer thread's CPU per record (`time.thread_time` inside it, spent
+  holding the GIL too); write+flush calls per second.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import select
 import statistics
 import sys
 import tempfile
@@ -95,7 +99,7 @@ class Instrumented:
         self.log.close(timeout_s=60.0)
 
 
-def bench_encode(observe: ModuleType, records: list[Any]) -> None:
+def bench_encode(records: list[Any]) -> None:
     started = time.perf_counter()
     for record in records:
         record.to_json_line(False)
@@ -151,35 +155,53 @@ def spin(n: int) -> int:
     return total
 
 
+def caller_loop(records: list[Any], spins: int, write: Any) -> tuple[float, float, list[int]]:
+    """Like the event loop under load: per request some work, the record handed over, and a
+    poll for I/O (which releases the GIL, as epoll does). Returns this thread's wall and CPU
+    seconds and each iteration's wall nanoseconds."""
+    took, clock = [], time.perf_counter_ns
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for record in records:
+        started = clock()
+        spin(spins)
+        if write is not None:
+            write(record)
+        select.select([], [], [], 0)
+        took.append(clock() - started)
+    return time.perf_counter() - wall, time.thread_time() - cpu, took
+
+
 def bench_paced(observe: ModuleType, records: list[Any], work_us: float, repeats: int) -> None:
     spins = calibrate(work_us)
     count = len(records)
-    extra, cpu, appends, rate = [], [], [], []
+    cpu, waited, writer, appends, rate, p99, p999 = [], [], [], [], [], [], []
     for _ in range(repeats):  # alternate with and without the log: the machine's drift cancels
-        started = time.perf_counter()
-        for _ in records:
-            spin(spins)
-        alone = time.perf_counter() - started
+        alone_wall, alone_cpu, alone_took = caller_loop(records, spins, None)
         with tempfile.TemporaryDirectory() as tmp:
             subject = Instrumented(observe, Path(tmp))
-            write = subject.log.write
             time.sleep(0.2)
-            started = time.perf_counter()
-            for record in records:
-                spin(spins)
-                write(record)
-            logged = time.perf_counter() - started
+            logged_wall, logged_cpu, logged_took = caller_loop(records, spins, subject.log.write)
             subject.close()
-        extra.append((logged - alone) / count)
-        cpu.append(subject.writer_cpu_s / count)
-        appends.append(subject.appends / logged)
-        rate.append(count / logged)
+        # Time the caller was not running although it had work: waiting for the GIL (or for a
+        # CPU, which the run without the log measures and we subtract).
+        waited.append(((logged_wall - logged_cpu) - (alone_wall - alone_cpu)) / count)
+        cpu.append((logged_cpu - alone_cpu) / count)
+        writer.append(subject.writer_cpu_s / count)
+        appends.append(subject.appends / logged_wall)
+        rate.append(count / logged_wall)
+        alone_cuts = statistics.quantiles(alone_took, n=1000)
+        logged_cuts = statistics.quantiles(logged_took, n=1000)
+        p99.append((logged_cuts[989] - alone_cuts[989]) * 1e-9)
+        p999.append((logged_cuts[998] - alone_cuts[998]) * 1e-9)
+
+    def ns(values: list[float]) -> str:
+        return f"{statistics.median(values) * 1e9:+7.0f}"
+
     print(
-        f"paced    {work_us:5.0f} us work/record ({statistics.median(rate):6.0f} records/s): "
-        f"caller +{statistics.median(extra) * 1e9:6.0f} ns/record "
-        f"(runs: {', '.join(f'{e * 1e9:.0f}' for e in extra)}), writer CPU "
-        f"{statistics.median(cpu) * 1e9:6.0f} ns/record, {statistics.median(appends):5.0f} "
-        "write calls/s"
+        f"paced {work_us:5.0f} us work/record ({statistics.median(rate):5.0f} records/s): caller "
+        f"CPU {ns(cpu)} ns/record, waiting {ns(waited)} ns/record, iteration p99 {ns(p99)} ns "
+        f"p99.9 {ns(p999)} ns; writer CPU {ns(writer)} ns/record, "
+        f"{statistics.median(appends):5.0f} write calls/s"
     )
 
 
@@ -196,7 +218,12 @@ def main() -> None:
     observe = load_observe(args.observe)
     print(f"{observe.__file__}, switch interval {sys.getswitchinterval() * 1e3:.0f} ms")
     records = [make_record(observe, n) for n in range(args.records)]
-    bench_encode(observe, records)
+    with tempfile.TemporaryDirectory() as tmp:  # warm up: the heap's first touch is costly in VMs
+        warm = Instrumented(observe, Path(tmp))
+        for record in records:
+            warm.log.write(record)
+        warm.close()
+    bench_encode(records)
     bench_burst(observe, records)
     for work_us in args.work_us:
         count = max(100, min(args.records, round(args.paced_seconds / (work_us * 1e-6))))
