@@ -641,6 +641,40 @@ def test_request_log_close_writes_a_large_backlog(
     assert log.dropped == 0
 
 
+class CloseInTheMiddle(RequestLog):
+    """A log whose next write() reads _accepting, then lets close() run to its end, and only
+    then appends: the race write() takes no lock against."""
+
+    race = False
+
+    @property  # type: ignore[override]
+    def _accepting(self) -> bool:
+        accepting: bool = self.__dict__["_accepting"]
+        if self.race and accepting:
+            self.race = False
+            closer = threading.Thread(target=self.close)
+            closer.start()
+            closer.join()
+        return accepting
+
+    @_accepting.setter
+    def _accepting(self, value: bool) -> None:
+        self.__dict__["_accepting"] = value
+
+
+def test_request_log_counts_a_record_that_raced_close_as_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = CloseInTheMiddle(path, 10_000)
+    log.start()
+    log.write(_record("before"))
+    log.race = True
+
+    log.write(_record("racing"))  # appended after the writer's last drain: never written
+
+    assert _ids(path) == ["before"]
+    assert log.dropped == 1
+
+
 def test_request_log_writers_racing_close_have_each_record_written_or_dropped(
     tmp_path: Path,
 ) -> None:
