@@ -7,14 +7,26 @@ import json
 import logging
 import random
 import threading
+import time
 import weakref
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from imageworks.chat_proxy.observe import RETRY_INTERVAL_S, Metrics, RequestLog, RequestRecord
+from imageworks.chat_proxy import observe
+from imageworks.chat_proxy.observe import (
+    BATCH_INTERVAL_S,
+    RETRY_INTERVAL_S,
+    Metrics,
+    RequestLog,
+    RequestRecord,
+    _encode_line_with_json,
+)
 
 LOGGER = "imageworks.chat_proxy.observe"
 
@@ -39,8 +51,12 @@ def _record(request_id: str = "req-1", **changes: Any) -> RequestRecord:
     return dataclasses.replace(base, **changes)
 
 
+def _text(record: RequestRecord, log_prompts: bool = False) -> str:
+    return record.to_json_line(log_prompts).decode("utf-8")  # strict: the line is valid UTF-8
+
+
 def _parse(record: RequestRecord, log_prompts: bool = False) -> dict[str, Any]:
-    line = record.to_json_line(log_prompts)
+    line = _text(record, log_prompts)
     assert line.endswith("\n")
     assert line.count("\n") == 1
     parsed: dict[str, Any] = json.loads(line)
@@ -101,8 +117,8 @@ def test_record_json_line_has_the_request_timings_in_milliseconds() -> None:
 
 
 def test_record_json_line_is_compact() -> None:
-    assert ", " not in _record().to_json_line(False)
-    assert '": ' not in _record().to_json_line(False)
+    assert ", " not in _text(_record())
+    assert '": ' not in _text(_record())
 
 
 def test_record_json_line_error_keeps_status_and_one_line_message() -> None:
@@ -147,13 +163,13 @@ def test_record_json_line_includes_prompt_and_response_only_with_log_prompts() -
 
     assert "prompt" not in hidden
     assert "response" not in hidden
-    assert "secret plans" not in record.to_json_line(False)
+    assert "secret plans" not in _text(record)
     assert shown["prompt"] == [{"role": "user", "content": "secret plans"}]
     assert shown["response"] == "the answer"
 
 
 def test_record_json_line_keeps_non_ascii_text_readable() -> None:
-    line = _record(error="modèle introuvable: 模型").to_json_line(False)
+    line = _text(_record(error="modèle introuvable: 模型"))
 
     assert "modèle introuvable: 模型" in line
 
@@ -162,6 +178,90 @@ def test_record_has_no_place_for_headers() -> None:
     fields = {field.name for field in dataclasses.fields(RequestRecord)}
 
     assert not {name for name in fields if "header" in name or "auth" in name}
+
+
+def test_record_json_line_is_exactly_the_documented_line() -> None:
+    # Byte for byte: key order, compact separators, rounding, one newline.
+    assert _record(ttft_ms=87.04, error="a\n b").to_json_line(False) == (
+        b'{"ts":"2023-11-14T22:13:20.123Z","request_id":"req-1","model_requested":"chat",'
+        b'"model_resolved":"llama-3-8b","backend":"llamacpp","stream":false,"status":200,'
+        b'"outcome":"ok","latency_ms":1234.6,"ttft_ms":87.0,"usage":{"prompt_tokens":10,'
+        b'"completion_tokens":20,"total_tokens":30},"error":"a b","queue_ms":null,'
+        b'"upstream_ms":null,"proxy_ms":null}\n'
+    )
+
+
+_JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text()
+
+
+def _json_values(scalars: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=12,
+    )
+
+
+@given(prompt=_json_values(_JSON_SCALARS), response=_json_values(_JSON_SCALARS))
+def test_record_json_line_is_json_dumps_byte_for_byte(prompt: Any, response: Any) -> None:
+    record = _record(prompt=prompt, response=response, error=str(prompt))
+
+    assert record.to_json_line(True) == _encode_line_with_json(record._line(True))
+
+
+@given(prompt=_json_values(_JSON_SCALARS | st.floats(allow_nan=False, allow_infinity=False)))
+def test_record_json_line_floats_mean_what_json_dumps_wrote(prompt: Any) -> None:
+    # Exponents are spelled differently (1e-05 or 0.00001), the numbers are the same.
+    record = _record(prompt=prompt, latency_ms=prompt if isinstance(prompt, float) else 1.0)
+
+    line = record.to_json_line(True)
+
+    assert json.loads(line) == json.loads(_encode_line_with_json(record._line(True)))
+
+
+def test_record_json_line_replaces_a_lone_surrogate_and_keeps_the_rest() -> None:
+    line = _record(prompt="bad \ud800 half", response="模型").to_json_line(True)
+
+    assert json.loads(line)["prompt"] == "bad ? half"  # as the json path has always written it
+    assert json.loads(line)["response"] == "模型"
+
+
+def test_record_json_line_takes_the_keys_and_integers_json_takes() -> None:
+    prompt = {7: "int", 2.5: "float", True: "bool", None: "none", "big": 2**70}
+
+    line = _record(prompt=prompt).to_json_line(True)
+
+    assert json.loads(line)["prompt"] == {
+        "7": "int",
+        "2.5": "float",
+        "true": "bool",
+        "null": "none",
+        "big": 2**70,
+    }
+
+
+def test_record_json_line_writes_what_json_cannot_encode_as_str() -> None:
+    @dataclasses.dataclass
+    class Part:
+        kind: str
+
+    class Image:
+        def __str__(self) -> str:
+            return "<image 3 MB>"
+
+    when = datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    prompt = {"when": when, "part": Part("text"), "image": Image(), "raw": b"\x00", "tags": {"a"}}
+
+    line = _record(prompt=prompt).to_json_line(True)
+
+    assert json.loads(line)["prompt"] == {
+        "when": "2023-11-14 22:13:20+00:00",
+        "part": "test_record_json_line_writes_what_json_cannot_encode_as_str.<locals>.Part"
+        "(kind='text')",
+        "image": "<image 3 MB>",
+        "raw": "b'\\x00'",
+        "tags": "{'a'}",
+    }
 
 
 # -- RequestLog ------------------------------------------------------------------------------------
@@ -297,6 +397,32 @@ def test_request_log_recovers_when_the_path_is_fixed(
     assert [r.levelno for r in ours] == [logging.WARNING, logging.INFO]
 
 
+def test_request_log_counts_a_record_no_encoder_takes_and_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    circular: list[Any] = []
+    circular.append(circular)
+    refused = [
+        _record("circular", prompt=circular),
+        _record("tuple-key", prompt={(1, 2): "x"}),
+        _record("unprintable", prompt=Unprintable()),
+    ]
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 10_000, log_prompts=True)
+
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        _write_all(log, [*refused, _record("fine")])
+
+    assert [line["request_id"] for line in _lines(path)] == ["fine"]
+    assert log.dropped == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert [message.split()[1] for message in warnings] == ["circular", "tuple-key", "unprintable"]
+
+
 def test_request_log_write_does_not_wait_for_a_stuck_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -359,6 +485,225 @@ def test_request_log_appends_after_a_half_written_line_on_a_fresh_line(tmp_path:
     assert json.loads(lines[0]) == {"request_id": "old"}
     assert json.loads(lines[-1])["request_id"] == "new"
     assert len(lines) == 3
+
+
+# -- RequestLog batches ----------------------------------------------------------------------------
+
+
+class Appends:
+    """Counts the log's write calls; `hold()` makes the first one wait until `release()`."""
+
+    def __init__(self, log: RequestLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sizes: list[int] = []
+        self.stuck, self._released = threading.Event(), threading.Event()
+        self._released.set()
+        real = log._append
+
+        def counted(data: bytes) -> None:
+            self.sizes.append(len(data))
+            self.stuck.set()
+            self._released.wait()
+            real(data)
+
+        monkeypatch.setattr(log, "_append", counted)
+
+    def hold(self) -> None:
+        self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _ids(path: Path) -> list[str]:
+    return [line["request_id"] for line in _lines(path)]
+
+
+def _ids_so_far(path: Path) -> list[str]:
+    """The ids of the whole lines in `path` now, while the writer may be appending."""
+    whole = path.read_bytes().rpartition(b"\n")[0] if path.exists() else b""
+    return [json.loads(line)["request_id"] for line in whole.splitlines()]
+
+
+def test_request_log_writes_what_queued_meanwhile_in_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 1_000_000)
+    appends = Appends(log, monkeypatch)
+    appends.hold()
+    log.start()
+    log.write(_record("req-0"))
+    assert appends.stuck.wait(timeout=10)  # the writer took req-0 alone and is writing it
+    for i in range(1, 500):
+        log.write(_record(f"req-{i}"))
+    appends.release()
+    log.close()
+
+    assert _ids(path) == [f"req-{i}" for i in range(500)]
+    assert len(appends.sizes) == 2  # req-0, then the 499 queued while it was being written
+    assert sum(appends.sizes) == path.stat().st_size
+
+
+def test_request_log_wakes_at_most_every_batch_interval_under_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 1_000_000)
+    appends = Appends(log, monkeypatch)
+    log.start()
+    started = time.monotonic()
+    for i in range(2_000):
+        log.write(_record(f"req-{i}"))
+    busy_s = time.monotonic() - started
+    log.close()
+
+    assert _ids(path) == [f"req-{i}" for i in range(2_000)]
+    # One batch at once and one per interval while records kept coming; then at most the
+    # batch after the last pause and the last drain of close().
+    assert len(appends.sizes) <= 1 + busy_s / BATCH_INTERVAL_S + 2
+
+
+def test_request_log_writes_the_first_record_after_a_quiet_spell_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    monkeypatch.setattr(observe, "BATCH_INTERVAL_S", 0.01)
+    log = RequestLog(path, 1_000_000)
+    log.start()
+    log.write(_record("first"))
+    assert _wait_until(lambda: _ids_so_far(path) == ["first"])
+    assert _wait_until(lambda: log._idle)  # its pause is over and nothing came: quiet
+    # From now on the writer pauses for a minute after each batch: only the one that a record
+    # after a quiet spell starts at once can put that record on disk within the second.
+    monkeypatch.setattr(observe, "BATCH_INTERVAL_S", 60.0)
+    log.write(_record("after-quiet"))
+    assert _wait_until(lambda: _ids_so_far(path) == ["first", "after-quiet"], timeout_s=1.0)
+    log.write(_record("in-the-pause"))
+    started = time.monotonic()
+    log.close()
+
+    assert time.monotonic() - started < 5.0  # close() cut the minute short
+    assert _ids(path) == ["first", "after-quiet", "in-the-pause"]
+
+
+def test_request_log_rotation_cuts_a_batch_at_the_lines_that_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    max_bytes = 1_000
+    log = RequestLog(path, max_bytes, keep_files=100)
+    appends = Appends(log, monkeypatch)
+    appends.hold()
+    log.start()
+    log.write(_record("req-0"))
+    assert appends.stuck.wait(timeout=10)
+    for i in range(1, 60):
+        log.write(_record(f"req-{i}"))
+    appends.release()
+    log.close()
+
+    files = _log_files(path)
+    assert len(files) > 5
+    assert _ids(path) == [f"req-{i}" for i in range(60)]
+    for file, following in itertools.pairwise(files):
+        size = file.stat().st_size
+        first_of_next = len(following.read_bytes().splitlines(keepends=True)[0])
+        assert size <= max_bytes < size + first_of_next  # full: the next line did not fit
+    # req-0 alone, then the batch: one write per file it went to.
+    assert len(appends.sizes) == 1 + len(files)
+
+
+def test_request_log_close_writes_a_large_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 10_000_000, keep_files=10)
+    appends = Appends(log, monkeypatch)
+    appends.hold()
+    log.start()
+    log.write(_record("req-0"))
+    assert appends.stuck.wait(timeout=10)
+    for i in range(1, 10_000):
+        log.write(_record(f"req-{i}"))
+    appends.release()
+    log.close()
+
+    assert _ids(path) == [f"req-{i}" for i in range(10_000)]
+    assert log.dropped == 0
+
+
+class CloseInTheMiddle(RequestLog):
+    """A log whose next write() reads _accepting, then lets close() run to its end, and only
+    then appends: the race write() takes no lock against."""
+
+    race = False
+
+    @property  # type: ignore[override]
+    def _accepting(self) -> bool:
+        accepting: bool = self.__dict__["_accepting"]
+        if self.race and accepting:
+            self.race = False
+            closer = threading.Thread(target=self.close)
+            closer.start()
+            closer.join()
+        return accepting
+
+    @_accepting.setter
+    def _accepting(self, value: bool) -> None:
+        self.__dict__["_accepting"] = value
+
+
+def test_request_log_counts_a_record_that_raced_close_as_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = CloseInTheMiddle(path, 10_000)
+    log.start()
+    log.write(_record("before"))
+    log.race = True
+
+    log.write(_record("racing"))  # appended after the writer's last drain: never written
+
+    assert _ids(path) == ["before"]
+    assert log.dropped == 1
+
+
+def test_request_log_writers_racing_close_have_each_record_written_or_dropped(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 10_000_000)
+    log.start()
+    under_way = threading.Semaphore(0)
+
+    def writer(thread_no: int) -> None:
+        for i in range(5_000):
+            log.write(_record(f"t{thread_no}-{i}"))
+            if i == 100:
+                under_way.release()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert under_way.acquire(timeout=10)
+    log.close()
+    for thread in threads:
+        thread.join()
+
+    written = _ids(path)
+    assert len(written) + log.dropped == 4 * 5_000
+    for n in range(4):  # each thread's records up to where close() cut it, in order
+        mine = [request_id for request_id in written if request_id.startswith(f"t{n}-")]
+        assert mine == [f"t{n}-{i}" for i in range(len(mine))]
+        assert len(mine) > 100
 
 
 # -- Metrics ---------------------------------------------------------------------------------------
