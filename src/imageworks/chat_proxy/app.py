@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import sys
@@ -43,6 +44,7 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with running_services(settings, registry_settings) as services:
             app.state.services = services
+            settle_the_heap()
             yield
 
     app = Starlette(routes=[*API_ROUTES, *SCRAPE_ROUTES, *dashboard_routes()], lifespan=lifespan)
@@ -84,6 +86,23 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
     app.add_middleware(AccessGuard, settings=settings)
     app.add_middleware(ServerTiming)
     return app
+
+
+# The collector runs when this many more containers were allocated than freed: about every
+# 100 requests instead of every 7 (CPython's 700), for a few MB of garbage cycles held longer.
+YOUNG_COLLECTION_THRESHOLD = 20_000
+
+
+def settle_the_heap() -> None:
+    """Once started: what start-up built (modules, schemas, the registry, the services) lives as
+    long as the process, so it is frozen out of the cyclic collector's sight, and the youngest
+    generation is collected less often. Profiled at 32 connections, the collector took a third
+    of the proxy's CPU: a full collection walked every start-up object (~120 ms, the event loop
+    stopped meanwhile) and a young one ran every seventh request."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
 
 
 class ChatFastPath:

@@ -143,14 +143,15 @@ class TaskResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         work = asyncio.ensure_future(self._run(Reply(send)))
         listen = asyncio.ensure_future(_wait_for_disconnect(receive))
+        listen.add_done_callback(_retrieved)  # a receive() that failed only ends the race
         try:
-            await asyncio.wait({work, listen}, return_when=asyncio.FIRST_COMPLETED)
+            await _first_done(work, listen)
         finally:
+            # The listener holds nothing and needs no waiting for: once cancelled it ends on
+            # the loop's next turn (a task fewer to wait for on every request).
             listen.cancel()
             work.cancel()  # the only cancellation the work ever gets (a no-op once it is done)
-            await _settled(work, listen)
-        if not listen.cancelled():
-            listen.exception()  # retrieved: a receive() that failed only ends the race
+            await _settled(work)
         if not work.cancelled() and (error := work.exception()) is not None:
             raise error  # a bug in the work itself: the server logs it
 
@@ -168,6 +169,28 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
+def _retrieved(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _first_done(*tasks: asyncio.Future[None]) -> None:
+    """Wait until one of `tasks` is done (`asyncio.wait(FIRST_COMPLETED)` without its sets)."""
+    woken = asyncio.get_running_loop().create_future()
+
+    def wake(_: asyncio.Future[None]) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    for task in tasks:
+        task.add_done_callback(wake)
+    try:
+        await woken
+    finally:
+        for task in tasks:
+            task.remove_done_callback(wake)
+
+
 async def shielded(cleanup: Awaitable[None]) -> None:
     """Await `cleanup` to its end even if the caller is cancelled meanwhile (then re-raise)."""
     task = asyncio.ensure_future(cleanup)
@@ -177,6 +200,8 @@ async def shielded(cleanup: Awaitable[None]) -> None:
 
 async def _settled(*tasks: asyncio.Future[None]) -> None:
     """Wait until every task is done, even if we are cancelled meanwhile (then re-raise)."""
+    if all(task.done() for task in tasks):
+        return  # the usual case: no turn of the loop to wait for
     cancelled = False
     while not all(task.done() for task in tasks):
         try:
