@@ -44,7 +44,6 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with running_services(settings, registry_settings) as services:
             app.state.services = services
-            settle_the_heap()
             yield
 
     app = Starlette(routes=[*API_ROUTES, *SCRAPE_ROUTES, *dashboard_routes()], lifespan=lifespan)
@@ -188,8 +187,8 @@ def main() -> int:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, telling the app the moment shutdown begins (see `_begin_shutdown`), and
-    remembering whether a signal (not a restart) stopped it."""
+    """uvicorn, settling the heap once the app has started, telling the app the moment shutdown
+    begins (see `_begin_shutdown`), and remembering whether a signal (not a restart) stopped it."""
 
     def __init__(self, config: uvicorn.Config, *, on_shutdown: Callable[[], None]) -> None:
         super().__init__(config)
@@ -199,6 +198,10 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.signalled = True
         super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)  # the app's services are up
+        settle_the_heap()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._on_shutdown()
