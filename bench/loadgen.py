@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -152,6 +153,7 @@ class PythonLoadgen:
         ]
         done = subprocess.run(
             argv,
+            cwd=Path(__file__).resolve().parent.parent,  # where `bench` is importable
             capture_output=True,
             text=True,
             timeout=spec.duration_s + 60,

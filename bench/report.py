@@ -149,6 +149,7 @@ def summarize(rounds: Rounds, rss: dict[str, Record], targets: list[str]) -> dic
             cells["rss_after_mb"] = memory["after_mb"] if ok else "ERR"
             cells["rss_growth_pct"] = memory["growth_pct"] if ok else "ERR"
             cells["rss_requests"] = memory.get("requests")
+            cells["rss_capped"] = bool(memory.get("capped_at_s"))
         summary[target] = {key: value for key, value in cells.items() if value is not None}
     return summary
 
@@ -190,9 +191,11 @@ def table(labels: dict[str, str], summary: dict[str, Record], notes: dict[str, s
             lines.append(f"{label:<{label_width}}  {notes[target]}")
             continue
         cells = summary.get(target, {})
+        shown_cells = {c.key: _cell(cells.get(c.key), c.decimals) for c in COLUMNS}
+        if cells.get("rss_capped"):  # fewer requests than planned: a note says how many
+            shown_cells["rss_growth_pct"] += "*"
         lines.append(
-            f"{label:<{label_width}}"
-            + "".join(f"{_cell(cells.get(c.key), c.decimals):>{width}}" for c in COLUMNS)
+            f"{label:<{label_width}}" + "".join(f"{shown_cells[c.key]:>{width}}" for c in COLUMNS)
         )
     goal = "".join(
         f"{(c.target[0] + format(c.target[1], 'g')) if c.target else '—':>{width}}" for c in COLUMNS

@@ -475,15 +475,19 @@ class Bench:
                 "than the upstream, so the direct row's req/s shows the generator's limit"
             )
         requests = self.settings.rss_requests
+        quick = (
+            " (--quick: far fewer than the 100,000 of a full run)" if self.settings.quick else ""
+        )
         notes.append(
             f"RSS: after start and {WARMUP_REQUESTS} warm-up requests, and after {requests:,} "
-            "more at c32"
-            + (
-                " (--quick: far fewer than the 100,000 of a full run)"
-                if self.settings.quick
-                else ""
-            )
+            f"more at c32{quick}, within {self.settings.rss_max_s:g} s per server"
         )
+        for name, record in self.rss.items():
+            if record.get("capped_at_s"):
+                notes.append(
+                    f"RSS {name} (grow% marked *): over {record['requests']:,} requests only: "
+                    f"{requests:,} would take longer than {record['capped_at_s']:g} s"
+                )
         notes.append(
             f"streams: {self.settings.streams} per target and round, {CHUNKS} chunks "
             f"{CHUNK_INTERVAL_MS:g} ms apart; transit p50/p99 over all chunks; transit far "
