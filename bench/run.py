@@ -22,39 +22,31 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
-import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
 
-from bench import machine, report, targets
-from bench.http1 import KeepAlive, request_bytes
-from bench.load import Generator, LoadResult, LoadSpec, wrk_version
+from bench import machine, measure, report, targets
+from bench.load import Generator, LoadSpec, wrk_version
 from bench.loadgen import PythonLoadgen
-from bench.models_listing import models_during_swap
-from bench.processes import Processes, affinity, free_port
+from bench.measure import CHUNK_INTERVAL_MS, CHUNKS, WARMUP_REQUESTS, Record
+from bench.processes import Processes, affinity
 from bench.registry import echo_entry, filler_entries, write_registry
-from bench.rss import tree_rss_mib
-from bench.stats import percentile
-from bench.streaming import stream_run
 from bench.targets import CHAT_PATH, Running, Skipped, Target
 from bench.wrk import Wrk
 
-CHUNKS = 200
-CHUNK_INTERVAL_MS = 1.0
+if TYPE_CHECKING:
+    from bench.swap import Demo
+
 LISTING_ENTRIES = 500
-WARMUP_REQUESTS = 100
-MiB_TO_MB = 1024 * 1024 / 1e6
-Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -102,22 +94,6 @@ def choose_generator(kind: str, cpus: frozenset[int]) -> Generator:
     return PythonLoadgen(cpus)
 
 
-def chat_body(model: str, stream: bool) -> bytes:
-    body: Record = {"model": model, "messages": [{"role": "user", "content": "ping"}]}
-    body["max_tokens"] = 16
-    if stream:
-        body["stream"] = True
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-def load_record(result: LoadResult) -> Record:
-    return {**result.as_json(), "valid": result.errors == 0 and result.requests > 0}
-
-
-def failed(exc: BaseException) -> Record:
-    return {"valid": False, "error": f"{type(exc).__name__}: {exc}"}
-
-
 class Bench:
     """Holds what a run started and what it measured."""
 
@@ -132,7 +108,7 @@ class Bench:
         self.targets: dict[str, Target] = {}
         self.listing: dict[str, Running] = {}
         self.listing_notes: dict[str, str] = {}
-        self.demo: Any = None  # bench.swap.Demo once prepared
+        self.demo: Demo | None = None
         self.demo_note: str | None = None
         self.rss: dict[str, Record] = {}
         self.rounds: report.Rounds = []
@@ -211,6 +187,8 @@ class Bench:
             self.demo = swap.prepare(self.tmp / "demo", extra_entries=fillers)
         except Exception as exc:  # noqa: BLE001 (any reason means: no swap part on this machine)
             detail = getattr(exc, "stderr", None) or exc
+            if isinstance(detail, bytes):
+                detail = detail.decode(errors="replace")
             self.demo_note = (
                 "skipped: the demo models are not installed (`uv sync` installs the demo group): "
                 f"{str(detail).strip()[:200]}"
@@ -223,16 +201,15 @@ class Bench:
         return [found for found in self.targets.values() if isinstance(found, Running)]
 
     def measure_rss(self) -> None:
-        requests = self.settings.rss_requests
         for target in self.running():
             if target.server is None:
-                continue
-            try:
-                self.rss[target.name] = self._rss(target, requests)
-            except Exception as exc:  # noqa: BLE001 (recorded as invalid, the run goes on)
-                self.rss[target.name] = failed(exc)
-            record = self.rss[target.name]
-            if record.get("valid"):
+                continue  # direct: nothing between client and upstream to weigh
+            settings = self.settings
+            record = measure.memory(
+                self.generator, target, settings.rss_requests, settings.rss_max_s
+            )
+            self.rss[target.name] = record
+            if record["valid"]:
                 progress(
                     f"rss {target.name}: {record['idle_mb']:.1f} MB idle, "
                     f"{record['after_mb']:.1f} MB after {record['requests']} requests "
@@ -240,47 +217,6 @@ class Bench:
                 )
             else:
                 self._invalid(f"rss {target.name}", record)
-
-    def _rss(self, target: Running, requests: int) -> Record:
-        assert target.server is not None
-        client = KeepAlive("127.0.0.1", target.port)
-        request = request_bytes(
-            "POST", "127.0.0.1", target.port, CHAT_PATH, chat_body(target.model, False)
-        )
-        bad = 0
-        try:
-            for _ in range(WARMUP_REQUESTS):
-                bad += client.send(request).status != 200
-        finally:
-            client.close()
-        time.sleep(0.5)
-        idle = tree_rss_mib(target.server.pid) * MiB_TO_MB
-        done, errors, seconds = 0, bad, 1.0
-        url = target.url + CHAT_PATH
-        began = time.monotonic()
-        while done < requests:
-            left_s = self.settings.rss_max_s - (time.monotonic() - began)
-            if left_s < 1:
-                break
-            spec = LoadSpec(url, "POST", chat_body(target.model, False), 32, min(seconds, left_s))
-            result = self.generator.run(spec)
-            done += result.requests
-            errors += result.errors
-            rate = max(result.rps, 1.0)
-            seconds = float(max(1, math.ceil((requests - done) / rate)))
-        time.sleep(0.5)
-        after = tree_rss_mib(target.server.pid) * MiB_TO_MB
-        return {
-            "idle_mb": idle,
-            "after_mb": after,
-            "growth_pct": (after - idle) / idle * 100,
-            "warmup_requests": WARMUP_REQUESTS,
-            "requests": done,
-            "requests_planned": requests,
-            "capped_at_s": self.settings.rss_max_s if done < requests else None,
-            "errors": errors,
-            "valid": errors == 0,
-        }
 
     def one_round(self, number: int) -> None:
         measured: dict[str, dict[str, Record]] = {}
@@ -290,12 +226,13 @@ class Bench:
         for metric, connections, seconds in (("c1", 1, settings.c1_s), ("c32", 32, settings.c32_s)):
             row = measured.setdefault(metric, {})
             for target in self.running():
-                body = chat_body(target.model, False)
+                body = measure.chat_body(target.model, False)
                 spec = LoadSpec(target.url + CHAT_PATH, "POST", body, connections, seconds)
                 row[target.name] = self._load(f"{label} {metric} {target.name}", spec)
         row = measured.setdefault("stream", {})
         for target in self.running():
-            row[target.name] = self._streams(f"{label} stream {target.name}", target)
+            record = measure.streams(target, settings.streams)
+            row[target.name] = self._shown(f"{label} stream {target.name}", record, _streamed)
         row = measured.setdefault("models", {})
         for name, running in self.listing.items():
             if name in self.listing_notes:
@@ -304,117 +241,25 @@ class Bench:
             spec = LoadSpec(running.url + "/v1/models", "GET", b"", 1, settings.models_s)
             row[name] = self._load(f"{label} models {name}", spec)
         if self.demo is not None:
-            self._swap_part(label, measured)
+            from bench.swap_part import swap_round
+
+            with affinity(self.placement.all):
+                overhead, listing = swap_round(self.procs, self.demo, settings.swaps_for_listing)
+            measured.setdefault("swap", {})["proxy"] = overhead
+            measured.setdefault("models_swap", {})["proxy"] = listing
+            self._shown(f"{label} swap overhead", overhead, _swapped)
+            self._shown(f"{label} /v1/models during swaps", listing, _listed)
 
     def _load(self, what: str, spec: LoadSpec) -> Record:
-        try:
-            record = load_record(self.generator.run(spec))
-        except Exception as exc:  # noqa: BLE001 (recorded as invalid, the run goes on)
-            record = failed(exc)
-        if record["valid"]:
-            progress(
-                f"{what}: {record['rps']:.0f} req/s, p50 {record['p50_ms']:.3f} ms, "
-                f"p99 {record['p99_ms']:.3f} ms"
-            )
+        return self._shown(what, measure.load(self.generator, spec), _loaded)
+
+    def _shown(self, what: str, record: Record, line: Callable[[Record], str]) -> Record:
+        """Say what was measured, or that it is invalid and why; returns `record`."""
+        if record.get("valid"):
+            progress(f"{what}: {line(record)}")
         else:
             self._invalid(what, record)
         return record
-
-    def _streams(self, what: str, target: Running) -> Record:
-        body = chat_body(target.model, True)
-        try:
-            stream_run("127.0.0.1", target.port, CHAT_PATH, body, 1, CHUNKS)  # warm-up
-            run = stream_run(
-                "127.0.0.1", target.port, CHAT_PATH, body, self.settings.streams, CHUNKS
-            )
-        except Exception as exc:  # noqa: BLE001 (recorded as invalid, the run goes on)
-            record = failed(exc)
-            self._invalid(what, record)
-            return record
-        transit = sorted(run.transit_us)
-        record = {
-            "streams": run.streams,
-            "chunks_per_stream": CHUNKS,
-            "chunk_interval_ms": CHUNK_INTERVAL_MS,
-            "complete_streams": len(run.ttft_ms),
-            "ttft_p50_ms": statistics.median(run.ttft_ms) if run.ttft_ms else None,
-            "transit_p50_us": percentile(transit, 50) if transit else None,
-            "transit_p99_us": percentile(transit, 99) if transit else None,
-            "transit_max_us": transit[-1] if transit else None,
-            "problems": run.problems[:10],
-            "problem_count": len(run.problems),
-            "valid": not run.problems and len(run.ttft_ms) == run.streams,
-        }
-        if record["valid"]:
-            progress(
-                f"{what}: TTFT p50 {record['ttft_p50_ms']:.2f} ms, transit p50 "
-                f"{record['transit_p50_us']:.0f} us, p99 {record['transit_p99_us']:.0f} us"
-            )
-        else:
-            record.setdefault("error", "; ".join(run.problems[:3]) or "incomplete streams")
-            self._invalid(what, record)
-        return record
-
-    def _swap_part(self, label: str, measured: dict[str, dict[str, Record]]) -> None:
-        """A proxy on the demo registry, not pinned, for this round's swap measurements."""
-        from bench import swap
-
-        demo = self.demo
-        model_port = free_port()
-        proxy: Running | None = None
-        swap_record: Record
-        listing_record: Record
-        try:
-            with affinity(self.placement.all):
-                proxy = targets.start_proxy(
-                    self.procs, None, demo.registry, demo.root / "ws", "proxy-demo", model_port
-                )
-                with swap.http_client() as client:
-                    chat_url = f"{proxy.url}{CHAT_PATH}"
-                    swap.first_token(client, chat_url, demo.smol.display_name)
-                    samples = swap.Samples()
-                    argv_same = swap.one_round(client, proxy.url, demo, samples)
-                by_direction = swap.overheads(samples)
-                swap_record = {
-                    "overhead_ms": by_direction,
-                    "overhead_mean_ms": statistics.mean(by_direction.values()),
-                    "samples_ms": {"/".join(key): value for key, value in samples.values.items()},
-                    "argv_same_as_direct": argv_same,
-                    "valid": argv_same,
-                }
-                if not argv_same:
-                    swap_record["error"] = "the proxy started a model with another argv"
-                names = [demo.gemma.display_name, demo.smol.display_name]
-                during = models_during_swap(proxy.url, names, self.settings.swaps_for_listing)
-                listing_record = {
-                    **during.summary(),
-                    "problems": during.problems[:10],
-                    "valid": not during.problems and bool(during.listings),
-                }
-                if not listing_record["valid"]:
-                    listing_record["error"] = "; ".join(during.problems[:3]) or "no listing fell "
-                    "inside a swap"
-        except Exception as exc:  # noqa: BLE001 (recorded as invalid, the run goes on)
-            swap_record = listing_record = failed(exc)
-            progress(traceback.format_exc().strip().splitlines()[-1])
-        finally:
-            if proxy is not None and proxy.server is not None:
-                self.procs.stop(proxy.server)
-            swap.kill_listening(model_port, demo.direct_port)
-        measured.setdefault("swap", {})["proxy"] = swap_record
-        measured.setdefault("models_swap", {})["proxy"] = listing_record
-        if swap_record.get("valid"):
-            parts = ", ".join(f"{k} {v:.0f} ms" for k, v in swap_record["overhead_ms"].items())
-            progress(f"{label} swap overhead: {parts}")
-        else:
-            self._invalid(f"{label} swap", swap_record)
-        if listing_record.get("valid"):
-            progress(
-                f"{label} /v1/models during swaps: p50 {listing_record['p50_ms']:.3f} ms over "
-                f"{listing_record['requests_during_swap']} requests"
-            )
-        else:
-            self._invalid(f"{label} models during swap", listing_record)
 
     def _invalid(self, what: str, record: Record) -> None:
         reason = record.get("error")
@@ -498,6 +343,27 @@ class Bench:
         for name, note in self.listing_notes.items():
             notes.append(f"/v1/models {name}: {note}")
         return notes
+
+
+def _loaded(record: Record) -> str:
+    return (
+        f"{record['rps']:.0f} req/s, p50 {record['p50_ms']:.3f} ms, p99 {record['p99_ms']:.3f} ms"
+    )
+
+
+def _streamed(record: Record) -> str:
+    return (
+        f"TTFT p50 {record['ttft_p50_ms']:.2f} ms, transit p50 {record['transit_p50_us']:.0f} us, "
+        f"p99 {record['transit_p99_us']:.0f} us"
+    )
+
+
+def _swapped(record: Record) -> str:
+    return ", ".join(f"{key} {ms:.0f} ms" for key, ms in record["overhead_ms"].items())
+
+
+def _listed(record: Record) -> str:
+    return f"p50 {record['p50_ms']:.3f} ms over {record['requests_during_swap']} requests"
 
 
 def execute(settings: Settings) -> int:

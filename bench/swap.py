@@ -27,8 +27,8 @@ a model server left on either port. Prints median and max in milliseconds; the m
 average is printed too, since other work on the CPU shows up directly in these numbers.
 
 `python -m bench` runs the same measurement once per round (`prepare`, `one_round`,
-`overheads`) on its own proxy, and reports the overhead: the first token after a switch minus
-the new model's spawn-to-first-token when started directly.
+`overheads`, called from bench/swap_part.py) on its own proxy, and reports the overhead: the
+first token after a switch minus the new model's spawn-to-first-token when started directly.
 """
 
 from __future__ import annotations
