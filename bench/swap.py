@@ -25,6 +25,10 @@ entry's system prompt, temperature 0), so the proxy adds no entry defaults and b
 process the same prompt. At the end the proxy gets SIGTERM and the process table is checked for
 a model server left on either port. Prints median and max in milliseconds; the machine's load
 average is printed too, since other work on the CPU shows up directly in these numbers.
+
+`python -m bench` runs the same measurement once per round (`prepare`, `one_round`,
+`overheads`, called from bench/swap_part.py) on its own proxy, and reports the overhead: the
+first token after a switch minus the new model's spawn-to-first-token when started directly.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,8 +194,8 @@ def cold_start(
         out.add(("direct", key, "stop"), (time.perf_counter() - stopping) * 1000)
 
 
-def slot_status(client: httpx.Client, proxy: RunningProxy) -> dict[str, Any]:
-    response = client.get(f"{proxy.url}/v1/admin/status", timeout=10)
+def slot_status(client: httpx.Client, proxy_url: str) -> dict[str, Any]:
+    response = client.get(f"{proxy_url}/v1/admin/status", timeout=10)
     response.raise_for_status()
     body: dict[str, Any] = response.json()
     return body
@@ -206,7 +210,7 @@ def event_at(history: list[dict[str, Any]], event: str, model: str, after: float
 
 def swap(
     client: httpx.Client,
-    proxy: RunningProxy,
+    proxy_url: str,
     old: RegistryEntry,
     new: RegistryEntry,
     label: str,
@@ -215,10 +219,10 @@ def swap(
     """A request for `new` while `old` holds the slot, split by the slot's history."""
     wall_sent = time.time()
     sent = time.perf_counter()
-    token = first_token(client, f"{proxy.url}/v1/chat/completions", new.display_name)
+    token = first_token(client, f"{proxy_url}/v1/chat/completions", new.display_name)
     total = (token - sent) * 1000
     wall_token = wall_sent + (token - sent)
-    status = slot_status(client, proxy)["slot"]
+    status = slot_status(client, proxy_url)["slot"]
     history = status["history"]
     if status["holder"] != new.name:
         raise RuntimeError(f"{label}: the slot holds {status['holder']}, not {new.name}")
@@ -242,9 +246,9 @@ def swap(
     out.add(("swap", label, "other"), total - stop_ms - start_ms - after_ready_ms)
 
 
-def warm(client: httpx.Client, proxy: RunningProxy, entry: RegistryEntry, out: Samples) -> None:
+def warm(client: httpx.Client, proxy_url: str, entry: RegistryEntry, out: Samples) -> None:
     sent = time.perf_counter()
-    token = first_token(client, f"{proxy.url}/v1/chat/completions", entry.display_name)
+    token = first_token(client, f"{proxy_url}/v1/chat/completions", entry.display_name)
     out.add(("warm", entry_key(entry), "token"), (token - sent) * 1000)
 
 
@@ -302,10 +306,86 @@ def report(out: Samples, rounds: int, notes: list[str]) -> None:
             f"({out.median('direct', new, 'token'):.0f} to first token)"
         )
     print("\n" + "; ".join(parts))
+    beyond = ", ".join(f"{label} {ms:.0f} ms" for label, ms in overheads(out).items())
+    print(f"overhead beyond the model's own cold start (to first token): {beyond}")
 
 
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@dataclass
+class Demo:
+    """The demo models prepared in a temp root: the registry, both entries, and the launch
+    specs for starting each directly (on `direct_port`, with the proxy's argv otherwise)."""
+
+    root: Path
+    registry: Path
+    smol: RegistryEntry
+    gemma: RegistryEntry
+    direct_port: int
+    specs: dict[str, LaunchSpec]
+
+
+def prepare(root: Path, extra_entries: Sequence[dict[str, Any]] = ()) -> Demo:
+    """`python -m imageworks.demo` into `root`, a workspace at `root/ws` with the demo registry
+    (plus `extra_entries`, e.g. filler entries for a listing of realistic size)."""
+    models = root / "demo-models"
+    subprocess.run(
+        [sys.executable, "-m", "imageworks.demo", "--models-dir", str(models)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (root / "ws").mkdir()
+    registry = make_demo_workspace(root / "ws", models)
+    if extra_entries:
+        curated = registry / "model_registry.curated.json"
+        entries = json.loads(curated.read_text(encoding="utf-8"))
+        curated.write_text(json.dumps([*entries, *extra_entries], indent=1), encoding="utf-8")
+    by_name = {entry.display_name: entry for entry in RegistryStore(registry).load().entries}
+    smol, gemma = by_name[MODELS["smol"]], by_name[MODELS["gemma"]]
+    direct_port = free_port()
+    specs = {
+        entry.name: direct_spec(entry, registry, direct_port, root / "direct-logs")
+        for entry in (smol, gemma)
+    }
+    return Demo(root, registry, smol, gemma, direct_port, specs)
+
+
+def one_round(client: httpx.Client, proxy_url: str, demo: Demo, out: Samples) -> bool:
+    """Cold starts of both models directly, then both swaps (and a warm request after each)
+    through the proxy at `proxy_url`, which must hold smol. True when the proxy started each
+    model with the argv of the direct start (but the port)."""
+    smol, gemma, specs = demo.smol, demo.gemma, demo.specs
+    for entry in (smol, gemma):
+        cold_start(client, specs[entry.name], entry.upstream_model_id, entry_key(entry), out)
+    swap(client, proxy_url, smol, gemma, "smol->gemma", out)
+    argv_same = proxy_argv_matches(client, proxy_url, specs[gemma.name])
+    warm(client, proxy_url, gemma, out)
+    swap(client, proxy_url, gemma, smol, "gemma->smol", out)
+    argv_same &= proxy_argv_matches(client, proxy_url, specs[smol.name])
+    warm(client, proxy_url, smol, out)
+    return argv_same
+
+
+def overheads(out: Samples) -> dict[str, float]:
+    """What a swap costs beyond the new model's own cold start, by direction (median ms): first
+    token after the switch through the proxy minus spawn-to-first-token of that model direct."""
+    return {
+        label: out.median("swap", label, "total") - out.median("direct", new, "token")
+        for label, new in SWAPS
+    }
+
+
+def kill_listening(*ports: int) -> list[int]:
+    """SIGKILL every model server started with `--port` one of `ports` (the process table, not
+    our memory of what we started); returns their pids."""
+    left = [pid for port in ports for pid in processes_listening_on(port)]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def main() -> None:
@@ -316,61 +396,37 @@ def main() -> None:
         parser.error("--rounds must be between 1 and 50")
     began, load_before = time.monotonic(), load_average()
     with tempfile.TemporaryDirectory(prefix="swap-bench-") as tmp:
-        root = Path(tmp)
-        models = root / "demo-models"
-        subprocess.run(
-            [sys.executable, "-m", "imageworks.demo", "--models-dir", str(models)],
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
-        (root / "ws").mkdir()
-        registry = make_demo_workspace(root / "ws", models)
-        by_name = {entry.display_name: entry for entry in RegistryStore(registry).load().entries}
-        smol, gemma = by_name[MODELS["smol"]], by_name[MODELS["gemma"]]
-        direct_port = free_port()
-        specs = {
-            entry.name: direct_spec(entry, registry, direct_port, root / "direct-logs")
-            for entry in (smol, gemma)
-        }
+        demo = prepare(Path(tmp))
         # An absolute registry dir, so the proxy builds the same --model paths as we do.
-        workspace = Workspace(root / "ws", extra_env={"IMAGEWORKS_REGISTRY_DIR": str(registry)})
+        workspace = Workspace(
+            demo.root / "ws", extra_env={"IMAGEWORKS_REGISTRY_DIR": str(demo.registry)}
+        )
         out = Samples()
         argv_same = True
         with http_client() as client, proxy_running(workspace) as proxy:
             chat_url = f"{proxy.url}/v1/chat/completions"
             sent = time.perf_counter()
-            first_load_ms = (first_token(client, chat_url, smol.display_name) - sent) * 1000
+            first_load_ms = (first_token(client, chat_url, demo.smol.display_name) - sent) * 1000
             for _ in range(args.rounds):
-                for entry in (smol, gemma):
-                    spec = specs[entry.name]
-                    cold_start(client, spec, entry.upstream_model_id, entry_key(entry), out)
-                swap(client, proxy, smol, gemma, "smol->gemma", out)
-                argv_same &= proxy_argv_matches(client, proxy, specs[gemma.name])
-                warm(client, proxy, gemma, out)
-                swap(client, proxy, gemma, smol, "gemma->smol", out)
-                argv_same &= proxy_argv_matches(client, proxy, specs[smol.name])
-                warm(client, proxy, smol, out)
-            model_pid = slot_status(client, proxy)["slot"]["pid"]
+                argv_same &= one_round(client, proxy.url, demo, out)
+            model_pid = slot_status(client, proxy.url)["slot"]["pid"]
             code = proxy.terminate()
-        left = processes_listening_on(workspace.model_port) + processes_listening_on(direct_port)
-        for pid in left:  # a model server of this run outlived the proxy: report, then end it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # a model server of this run that outlived the proxy: reported, then ended
+        left = kill_listening(workspace.model_port, demo.direct_port)
     notes = [
         f"proxy first load (empty slot, smol): {first_load_ms:.0f} ms to first token",
         f"direct argv == the proxy's recorded command (but --port): {argv_same}",
         f"after proxy SIGTERM (exit {code}): model pid {model_pid} alive: "
         f"{pid_alive(model_pid)}; processes with --port {workspace.model_port} or "
-        f"{direct_port}: {left or 'none'}",
+        f"{demo.direct_port}: {left or 'none'}",
         f"load average before {load_before}, after {load_average()}; "
         f"whole run {time.monotonic() - began:.0f} s",
     ]
     report(out, args.rounds, notes)
 
 
-def proxy_argv_matches(client: httpx.Client, proxy: RunningProxy, spec: LaunchSpec) -> bool:
-    state = slot_status(client, proxy)["state_file"]
+def proxy_argv_matches(client: httpx.Client, proxy_url: str, spec: LaunchSpec) -> bool:
+    state = slot_status(client, proxy_url)["state_file"]
     return state is not None and same_argv_but_port(spec.argv, state["command"])
 
 
