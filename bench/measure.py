@@ -107,7 +107,9 @@ def _memory(generator: Generator, target: Running, requests: int, max_s: float) 
         result = generator.run(spec)
         done += result.requests
         errors += result.errors
-        seconds = float(max(1, math.ceil((requests - done) / max(result.rps, 1.0))))
+        # aim a little short of what is left, so the last run tops up instead of overshooting
+        left = requests - done
+        seconds = float(max(1, math.ceil(0.8 * left / max(result.rps, 1.0))))
     time.sleep(0.5)
     after = tree_rss_mib(target.server.pid) * MIB_TO_MB
     return {

@@ -124,8 +124,13 @@ class Bench:
         for name in targets.ORDER:
             if name not in self.settings.targets:
                 continue
-            self.targets[name] = self._start_target(name)
-            found = self.targets[name]
+            try:
+                found = self._start_target(name)
+            except Exception as exc:  # noqa: BLE001 (its row says why, the others still run)
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                found = Skipped(name, name, f"failed to start: {reason}")
+                self.errors.append(f"{name}: failed to start: {exc}")
+            self.targets[name] = found
             progress(f"{name}: " + (f":{found.port}" if isinstance(found, Running) else found.note))
         if "proxy" in self.settings.targets:
             self._start_listing()
@@ -340,6 +345,7 @@ class Bench:
         )
         if self.demo is None:
             notes.append(f"swap part: {self.demo_note or 'skipped (--skip-swap)'}")
+        notes.append(f"load average after the run: {machine.load_average()}")
         for name, note in self.listing_notes.items():
             notes.append(f"/v1/models {name}: {note}")
         return notes
