@@ -41,6 +41,7 @@ COLUMNS = (
     Column("models_swap_p50_ms", "in swap p50", 3, ("<=", 2)),
     Column("rss_idle_mb", "RSS MB", 1, ("<=", 80)),
     Column("rss_growth_pct", "RSS grow%", 2, ("<", 5)),
+    Column("rss_growth_warm_pct", "warm grow%", 2),
     Column("swap_overhead_ms", "swap +ms", 0),
 )
 UNITS = (
@@ -148,6 +149,8 @@ def summarize(rounds: Rounds, rss: dict[str, Record], targets: list[str]) -> dic
             cells["rss_idle_mb"] = memory["idle_mb"] if ok else "ERR"
             cells["rss_after_mb"] = memory["after_mb"] if ok else "ERR"
             cells["rss_growth_pct"] = memory["growth_pct"] if ok else "ERR"
+            cells["rss_warm_mb"] = memory.get("warm_mb") if ok else "ERR"
+            cells["rss_growth_warm_pct"] = memory.get("growth_after_warm_pct") if ok else "ERR"
             cells["rss_requests"] = memory.get("requests")
             cells["rss_capped"] = bool(memory.get("capped_at_s"))
         summary[target] = {key: value for key, value in cells.items() if value is not None}
@@ -194,6 +197,7 @@ def table(labels: dict[str, str], summary: dict[str, Record], notes: dict[str, s
         shown_cells = {c.key: _cell(cells.get(c.key), c.decimals) for c in COLUMNS}
         if cells.get("rss_capped"):  # fewer requests than planned: a note says how many
             shown_cells["rss_growth_pct"] += "*"
+            shown_cells["rss_growth_warm_pct"] += "*"
         lines.append(
             f"{label:<{label_width}}" + "".join(f"{shown_cells[c.key]:>{width}}" for c in COLUMNS)
         )

@@ -330,7 +330,9 @@ class Bench:
         )
         notes.append(
             f"RSS: after start and {WARMUP_REQUESTS} warm-up requests, and after {requests:,} "
-            f"more at c32{quick}, within {self.settings.rss_max_s:g} s per server"
+            f"more at c32{quick}, within {self.settings.rss_max_s:g} s per server; warm grow% "
+            f"is the growth over those requests but the first {requests // 10:,} (once the "
+            "server's connections, buffers and heap have grown to the load: what a leak adds)"
         )
         for name, record in self.rss.items():
             if record.get("capped_at_s"):
