@@ -920,3 +920,27 @@ def test_metrics_series_buckets_requests_by_when_they_finished() -> None:
         {"at": start, "requests": 2, "mean_latency_ms": 200.0, "completion_tokens": 12},
         {"at": start + 10, "requests": 1, "mean_latency_ms": 50.0, "completion_tokens": 0},
     ]
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_lines_without_prompts_are_encoded_by_the_caller_and_with_prompts_by_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_prompts: bool
+) -> None:
+    # Without prompts a line is a few µs, spread over the requests; with prompts (images) it
+    # may be megabytes, kept off the event loop's thread.
+    encoded_on: list[str] = []
+    encode = RequestRecord.to_json_line
+
+    def watched(record: RequestRecord, prompts: bool) -> bytes:
+        encoded_on.append(threading.current_thread().name)
+        return encode(record, prompts)
+
+    monkeypatch.setattr(RequestRecord, "to_json_line", watched)
+    path = tmp_path / "proxy.jsonl"
+    log = RequestLog(path, 10_000, log_prompts=log_prompts)
+    log.start()
+    log.write(_record("req-1"))
+    log.close()
+    expected = "imageworks-request-log" if log_prompts else threading.current_thread().name
+    assert encoded_on == [expected]
+    assert [line["request_id"] for line in _lines(path)] == ["req-1"]

@@ -151,9 +151,13 @@ class RequestLog:
     Woken per record, that was one hand-over and one syscall per request, and it showed in p99
     latency under load. Now it wakes at once for the first record after a quiet spell (operators
     and tests read the log right after a response) and otherwise at most every
-    `BATCH_INTERVAL_S`, however many requests finish meanwhile. Encoding a batch holds the GIL
-    for a few microseconds per record; a long one (after a stuck disk) is still cut by the
-    switch interval, so the loop never waits more than 5 ms at a time.
+    `BATCH_INTERVAL_S`, however many requests finish meanwhile.
+
+    Without prompts a record is encoded by `write()` itself, a few µs on the caller's thread,
+    spread evenly over the requests: encoded in the thread, a batch of a hundred held the GIL
+    for ~0.5 ms every 50 ms, and that pause showed in the p99 of one connection's latency. With
+    prompts (megabytes, with images) the writer thread encodes them; a long batch is still cut
+    by the switch interval, so the loop never waits more than 5 ms at a time.
     """
 
     def __init__(
@@ -173,7 +177,7 @@ class RequestLog:
         self.log_prompts = log_prompts
         self._clock = clock  # only the writer thread reads it (for the retry interval)
         # Unbounded, so write() never blocks; only the writer thread takes from it.
-        self._pending: deque[RequestRecord] = deque()
+        self._pending: deque[RequestRecord | bytes] = deque()  # records, or their lines
         self._accepting = False  # written under _gate, read by write() without it
         self._idle = False  # the writer waits for _wake: the next write() must set it
         self._wake = threading.Event()
@@ -217,7 +221,12 @@ class RequestLog:
         # racing close() may read _accepting just before close() clears it and append just after
         # that drain: such a record is not written, but `dropped` counts it, so none vanishes.
         if self._accepting:
-            self._pending.append(record)
+            entry: RequestRecord | bytes = record
+            if not self.log_prompts:
+                # What cannot be encoded goes as it is: the writer thread tries and says why.
+                with contextlib.suppress(Exception):
+                    entry = record.to_json_line(False)
+            self._pending.append(entry)
             # We append before we look at _idle, the writer sets _idle before its last look at
             # the queue (_wait_for_records): one of us sees the other, no wake-up is lost.
             if self._idle:
@@ -262,13 +271,13 @@ class RequestLog:
             self._wake.wait()
         self._idle = False
 
-    def _take_pending(self) -> list[RequestRecord]:
+    def _take_pending(self) -> list[RequestRecord | bytes]:
         # popleft, not swapping in a new deque: a write() racing us then still appends to the
         # deque we drain (or it waits there for the next batch).
         pending = self._pending
         return [pending.popleft() for _ in range(len(pending))]
 
-    def _store(self, records: list[RequestRecord]) -> None:
+    def _store(self, records: list[RequestRecord | bytes]) -> None:
         """Append `records` with one write per file they go to, each file cut at a whole line."""
         run, count = bytearray(), 0  # lines for the open file, not yet written
         for record in records:
@@ -292,7 +301,9 @@ class RequestLog:
             count += 1
         self._write_run(run, count)
 
-    def _encode(self, record: RequestRecord) -> bytes | None:
+    def _encode(self, record: RequestRecord | bytes) -> bytes | None:
+        if isinstance(record, bytes):
+            return record  # encoded by write()
         try:
             return record.to_json_line(self.log_prompts)
         except Exception as exc:  # noqa: BLE001 - costs this record, never the writer thread
