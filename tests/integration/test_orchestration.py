@@ -89,7 +89,10 @@ def test_proxy_adopts_a_model_the_loader_started(ws: Workspace) -> None:
     state = json.loads(ws.loader("activate-model", SMOL, "--json").stdout)
     proxy = ws.start_proxy()
     try:
-        slot = proxy.health()["slot"]
+        deadline = time.monotonic() + 30
+        while (slot := proxy.health()["slot"])["state"] != "ready":  # its health is checked
+            assert time.monotonic() < deadline, slot
+            time.sleep(0.05)
         assert slot["holder"] == SMOL_ENTRY
         assert slot["pid"] == state["pid"]
 
