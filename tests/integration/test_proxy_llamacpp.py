@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(180)
 
 SMOL = "smollm2 135m (Q4 1)"
 GEMMA = "gemma3 270m (Q4 K M)"
+EMBED = "smollm2 135m embed (Q4 1)"  # the demo's embedding entry (test_proxy_endpoints.py)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iterat
         yield running
 
 
-def test_models_lists_both_demo_models(proxy: RunningProxy) -> None:
+def test_models_lists_the_demo_models(proxy: RunningProxy) -> None:
     body = httpx.get(f"{proxy.url}/v1/models").json()
-    assert [item["id"] for item in body["data"]] == [GEMMA, SMOL]
+    assert [item["id"] for item in body["data"]] == [GEMMA, SMOL, EMBED]
 
 
 def test_non_stream_completion_comes_from_the_model(proxy: RunningProxy) -> None:
@@ -77,7 +78,7 @@ def test_stream_completion_arrives_as_events(proxy: RunningProxy) -> None:
 
 def test_openai_sdk_lists_completes_and_streams(proxy: RunningProxy) -> None:
     client = OpenAI(base_url=f"{proxy.url}/v1", api_key="EMPTY", timeout=120)
-    assert {model.id for model in client.models.list()} == {GEMMA, SMOL}
+    assert {model.id for model in client.models.list()} == {GEMMA, SMOL, EMBED}
 
     completion = client.chat.completions.create(
         model=SMOL, messages=[{"role": "user", "content": "ping"}], max_tokens=12
@@ -178,7 +179,7 @@ def test_health_and_models_answer_at_once_while_a_model_loads(proxy: RunningProx
             assert health["status"] == "ok"
             # the model list does not wait for the swap either
             models = httpx.get(f"{proxy.url}/v1/models", timeout=5).json()
-            assert [item["id"] for item in models["data"]] == [GEMMA, SMOL]
+            assert [item["id"] for item in models["data"]] == [GEMMA, SMOL, EMBED]
             break
         time.sleep(0.01)
     swap_back.join()

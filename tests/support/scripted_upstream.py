@@ -9,6 +9,10 @@ with `content`) and vLLM (`POST /tokenize` with `messages` or `prompt`), with a 
 template (`render_prompt`) and one token per whitespace-separated word (`count_tokens`); their
 requests are recorded in `side_requests`.
 
+`POST /v1/completions`, `/v1/embeddings` and `/v1/responses` answer by `model` too, from
+`ENDPOINT_SCENARIOS` (echo; cut-short: a stream that ends cleanly but unfinished; crash: one
+whose connection breaks; error-400); their paths are recorded in `paths`.
+
 Every chat request runs under a supervisor that watches the connection: if the client goes
 away before the response is complete, the scenario is cancelled and `disconnects` counts it.
 On close, unfinished responses are ended (streams stop without `[DONE]`, a request that
@@ -18,8 +22,11 @@ got no answer yet gets a 503) so shutdown never waits on a hanging scenario.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import itertools
 import json
+import struct
 import threading
 import time
 from collections.abc import Coroutine, Iterable
@@ -50,6 +57,14 @@ COMPLETIONS = (
     "no-usage",
 )
 SCENARIOS = (*COMPLETIONS, "error-400", "error-500", "error-validation", "error-html")
+# What `/v1/completions`, `/v1/embeddings` and `/v1/responses` answer, by `model` (embeddings
+# are never streamed: their stream scenarios answer as echo does).
+ENDPOINT_SCENARIOS = ("echo", "cut-short", "crash", "error-400")
+ENDPOINT_PATHS = ("/v1/completions", "/v1/embeddings", "/v1/responses")
+VECTOR = [0.25, -0.5, 1.0]
+VECTOR_BASE64 = base64.b64encode(struct.pack("<3f", *VECTOR)).decode()
+EMBEDDING_USAGE = {"prompt_tokens": 3, "total_tokens": 3}
+RESPONSE_USAGE = {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}
 ECHO_TEXT = "Hello from the scripted upstream."
 ECHO_PIECES = ("Hello", " from", " upstream")
 SLOW_PIECES = ("Slow", " and", " steady", ".")
@@ -171,6 +186,7 @@ class ScriptedUpstream:
         self._port = port
         self._cond = threading.Condition()
         self._requests: list[JSON] = []
+        self._paths: list[str] = []  # of the requests to the other endpoints, in order
         self._side_requests: list[tuple[str, JSON]] = []
         self._headers: list[dict[str, str]] = []
         self._disconnects = 0
@@ -184,6 +200,12 @@ class ScriptedUpstream:
     def requests(self) -> list[JSON]:
         with self._cond:
             return list(self._requests)
+
+    @property
+    def paths(self) -> list[str]:
+        """The path of each request to `/v1/completions`, `/v1/embeddings`, `/v1/responses`."""
+        with self._cond:
+            return list(self._paths)
 
     @property
     def side_requests(self) -> list[tuple[str, JSON]]:
@@ -256,6 +278,9 @@ class ScriptedUpstream:
         if route == ("POST", "/v1/chat/completions"):
             await self._chat(Request(scope, receive), send)
             return
+        if scope["method"] == "POST" and scope["path"] in ENDPOINT_PATHS:
+            await self._endpoint(scope["path"], Request(scope, receive), send)
+            return
         if route in (("POST", "/tokenize"), ("POST", "/apply-template")):
             response = await self._tokenizer(route[1], Request(scope, receive))
         elif route == ("GET", "/health"):
@@ -311,6 +336,37 @@ class ScriptedUpstream:
             script = scenario(reply, body.get("stream") is True)
         else:
             script = _unknown(reply)
+        await self._supervise(reply, script, request.receive)
+
+    async def _endpoint(self, path: str, request: Request, send: Send) -> None:
+        """`/v1/completions`, `/v1/embeddings`, `/v1/responses`: the scenario named by `model`."""
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            error = error_body("body must be a JSON object", "invalid_request_error")
+            await JSONResponse(error, 400)(request.scope, request.receive, send)
+            return
+        with self._cond:
+            self._requests.append(body)
+            self._paths.append(path)
+            self._headers.append(dict(request.headers))
+            number = len(self._requests)
+            self._cond.notify_all()
+        model = str(body.get("model"))
+        reply = _Reply(send, f"scripted-{number}", model, include_usage=False)
+        stream = body.get("stream") is True and path != "/v1/embeddings"
+        if model not in ENDPOINT_SCENARIOS:
+            script = _unknown(reply)
+        elif model == "error-400":
+            script = reply.json(400, CONTEXT_ERROR)
+        elif path == "/v1/completions":
+            script = _completion(reply, model, stream)
+        elif path == "/v1/embeddings":
+            script = _embeddings(reply, body)
+        else:
+            script = _response(reply, model, stream)
         await self._supervise(reply, script, request.receive)
 
     async def _supervise(
@@ -491,3 +547,82 @@ def count_tokens(text: str) -> int:
 async def _unknown(reply: _Reply) -> None:
     message = f"model '{reply.model}' does not exist"
     await reply.json(404, error_body(message, "invalid_request_error", "model", "model_not_found"))
+
+
+async def _completion(reply: _Reply, model: str, stream: bool) -> None:
+    """A prompt completion: the echo text whole, or its pieces as `text_completion` chunks."""
+    base = {"id": f"cmpl-{model}", "object": "text_completion", "created": 0, "model": reply.model}
+
+    def choice(text: str, finish_reason: str | None) -> JSON:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    if not stream:
+        await reply.json(200, {**base, "choices": [choice(ECHO_TEXT, "stop")], "usage": USAGE})
+        return
+    for piece in ECHO_PIECES:
+        await reply.event(json.dumps({**base, "choices": [choice(piece, None)]}))
+    if model == "crash":
+        return  # the connection breaks in the middle of the chunked body
+    if model == "cut-short":
+        await reply.end()  # a clean end, but no finish_reason and no [DONE]
+        return
+    await reply.event(json.dumps({**base, "choices": [choice("", "stop")]}))
+    await reply.event("[DONE]")
+    await reply.end()
+
+
+async def _embeddings(reply: _Reply, body: JSON) -> None:
+    """One vector (VECTOR, or VECTOR_BASE64 for `encoding_format: base64`) per input text."""
+    given = body.get("input")
+    count = len(given) if isinstance(given, list) and given and not isinstance(given[0], int) else 1
+    vector: Any = VECTOR_BASE64 if body.get("encoding_format") == "base64" else VECTOR
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(count)]
+    payload = {"object": "list", "data": data, "model": reply.model, "usage": EMBEDDING_USAGE}
+    await reply.json(200, payload)
+
+
+def _response_object(reply: _Reply, status: str, text: str) -> JSON:
+    message = {
+        "type": "message",
+        "id": "msg_scripted",
+        "role": "assistant",
+        "status": status,
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+    return {
+        "id": "resp_scripted",
+        "object": "response",
+        "created_at": 0,
+        "status": status,
+        "model": reply.model,
+        "output": [message] if text else [],
+        "usage": RESPONSE_USAGE if status == "completed" else None,
+    }
+
+
+async def _response(reply: _Reply, model: str, stream: bool) -> None:
+    """A Responses API answer: the echo text whole, or typed events ending response.completed."""
+    if not stream:
+        await reply.json(200, _response_object(reply, "completed", ECHO_TEXT))
+        return
+    sequence = itertools.count()
+
+    async def send(kind: str, **fields: Any) -> None:
+        data = {"type": kind, "sequence_number": next(sequence), **fields}
+        body = f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+        if not reply.started:
+            await reply.start_stream()
+        await reply._send({"type": "http.response.body", "body": body, "more_body": True})
+
+    await send("response.created", response=_response_object(reply, "in_progress", ""))
+    for piece in ECHO_PIECES:
+        fields = {"item_id": "msg_scripted", "output_index": 0, "content_index": 0}
+        await send("response.output_text.delta", delta=piece, **fields)
+    if model == "crash":
+        return  # the connection breaks in the middle of the chunked body
+    if model == "cut-short":
+        await reply.end()  # a clean end before response.completed
+        return
+    text = "".join(ECHO_PIECES)
+    await send("response.completed", response=_response_object(reply, "completed", text))
+    await reply.end()

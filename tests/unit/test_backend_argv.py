@@ -170,7 +170,7 @@ def test_demo_entries_run_on_both_launchers(
 ) -> None:
     demo = json.loads((REPO_ROOT / "configs" / "model_registry.curated.json").read_text())
     entries = [RegistryEntry.model_validate(raw) for raw in demo if raw["backend"] == "llamacpp"]
-    assert len(entries) == 2
+    assert len(entries) == 3  # two chat models, and the first again for embeddings
     for entry in entries:
         assert entry.backend_config.extra_args == []  # intent only, nothing launcher-specific
         argv = launcher.argv(entry, MODEL, None, host="127.0.0.1", port=1)

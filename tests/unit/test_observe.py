@@ -95,6 +95,7 @@ def test_record_json_line_ok_has_documented_keys_and_values() -> None:
     assert line == {
         "ts": "2023-11-14T22:13:20.123Z",
         "request_id": "req-1",
+        "endpoint": "/v1/chat/completions",
         "model_requested": "chat",
         "model_resolved": "llama-3-8b",
         "backend": "llamacpp",
@@ -183,7 +184,8 @@ def test_record_has_no_place_for_headers() -> None:
 def test_record_json_line_is_exactly_the_documented_line() -> None:
     # Byte for byte: key order, compact separators, rounding, one newline.
     assert _record(ttft_ms=87.04, error="a\n b").to_json_line(False) == (
-        b'{"ts":"2023-11-14T22:13:20.123Z","request_id":"req-1","model_requested":"chat",'
+        b'{"ts":"2023-11-14T22:13:20.123Z","request_id":"req-1",'
+        b'"endpoint":"/v1/chat/completions","model_requested":"chat",'
         b'"model_resolved":"llama-3-8b","backend":"llamacpp","stream":false,"status":200,'
         b'"outcome":"ok","latency_ms":1234.6,"ttft_ms":87.0,"usage":{"prompt_tokens":10,'
         b'"completion_tokens":20,"total_tokens":30},"error":"a b","queue_ms":null,'

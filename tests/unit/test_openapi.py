@@ -8,12 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from imageworks.chat_proxy.app import VERSION, create_app
 from imageworks.chat_proxy.config import ProxySettings
+from imageworks.chat_proxy.endpoint_requests import (
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+)
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.requests import ChatCompletionRequest
 from imageworks.config import RegistrySettings
@@ -86,3 +92,29 @@ def test_every_operation_answers_errors_in_the_one_envelope() -> None:
                 if status.startswith(("4", "5")):
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+@pytest.mark.parametrize(
+    ("path", "schema", "model", "streams"),
+    [
+        ("/v1/completions", "CompletionRequest", CompletionRequest, True),
+        ("/v1/embeddings", "EmbeddingRequest", EmbeddingRequest, False),
+        ("/v1/responses", "ResponsesRequest", ResponsesRequest, True),
+    ],
+)
+def test_each_model_endpoint_is_documented_with_its_typed_request(
+    path: str, schema: str, model: type[BaseModel], streams: bool
+) -> None:
+    document = openapi_document("0")
+    operation = document["paths"][path]["post"]
+    body = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": f"#/components/schemas/{schema}"}
+    request = document["components"]["schemas"][schema]
+    assert list(request["properties"]) == [f.alias or n for n, f in model.model_fields.items()]
+    assert request["required"][:1] == ["model"]
+    assert request["additionalProperties"] is True  # unknown fields are forwarded
+    answers = set(operation["responses"]["200"]["content"])
+    assert answers == (
+        {"application/json", "text/event-stream"} if streams else {"application/json"}
+    )
+    assert "unsupported_endpoint" in operation["description"]

@@ -25,6 +25,7 @@ from typing import ClassVar
 
 from imageworks.backends.argv import Flag, merge_args
 from imageworks.backends.base import BackendNotReady, Dialect
+from imageworks.backends.endpoints import is_embedding_entry
 from imageworks.backends.supervisor import LaunchSpec
 from imageworks.registry.paths import resolve_local_path, weights_path
 from imageworks.registry.schema import RegistryEntry
@@ -72,6 +73,11 @@ class LlamaServer:
             defaults += [("--no-jinja", None), ("--chat-template", entry.chat_template.name)]
         if template_file is not None:
             defaults += [("--jinja", None), ("--chat-template-file", str(template_file))]
+        if is_embedding_entry(entry):
+            # /v1/embeddings answers only a server started for it (and then nothing else).
+            defaults.append(("--embeddings", None))
+            if config.pooling is not None:
+                defaults.append(("--pooling", config.pooling))
         return [str(self.binary), *merge_args(defaults, config.extra_args)]
 
 
@@ -108,6 +114,9 @@ class LlamaCppPython:
         # `parallel` has no equivalent: this server generates for one request at a time.
         if entry.chat_template.name is not None:
             defaults.append(("--chat_format", entry.chat_template.name))
+        if is_embedding_entry(entry):
+            # Its server has no pooling option: the model's own pooling applies.
+            defaults.append(("--embedding", "True"))
         return [self.python, "-m", "llama_cpp.server", *merge_args(defaults, config.extra_args)]
 
 

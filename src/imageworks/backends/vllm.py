@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from imageworks.backends.argv import Flag, merge_args
 from imageworks.backends.base import BackendNotReady, Dialect
+from imageworks.backends.endpoints import is_embedding_entry
 from imageworks.backends.llamacpp import log_file_name
 from imageworks.backends.supervisor import LaunchSpec
 from imageworks.registry.paths import resolve_local_path, weights_path
@@ -48,6 +50,12 @@ def vllm_argv(
     if template is not None:
         defaults.append(("--chat-template", str(template)))
     # chat_template.name is llama.cpp's (vLLM has no built-in templates); the weights' is used.
+    if is_embedding_entry(entry):
+        # A pooling runner serves /v1/embeddings (a generative architecture is converted).
+        defaults.append(("--runner", "pooling"))
+        if config.pooling is not None:
+            pooler = json.dumps({"pooling_type": config.pooling.upper()})
+            defaults.append(("--pooler-config", pooler))
     return [*launcher, *merge_args(defaults, config.extra_args)]
 
 

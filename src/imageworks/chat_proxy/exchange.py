@@ -33,6 +33,7 @@ class Exchange:
     answer (the client left, the server shut down) is one the client abandoned."""
 
     request_id: str = field(default_factory=new_request_id)
+    endpoint: str = "/v1/chat/completions"  # the path the client posted to
     started_at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
     model_requested: str | None = None
@@ -48,6 +49,8 @@ class Exchange:
     error: str | None = "client disconnected"
     ended: bool = False
     timing: RequestTiming = field(default_factory=RequestTiming)  # the middleware's, if it runs
+    # The last `sequence_number` a Responses API stream relayed (its error event comes next).
+    sequence: int | None = None
 
     def end(self, status: int, outcome: Outcome, error: str | None = None) -> None:
         """Settle the outcome; the first call wins (an answer that was sent stays sent)."""
@@ -60,6 +63,7 @@ class Exchange:
         timing = self.timing
         return RequestRecord(
             request_id=self.request_id,
+            endpoint=self.endpoint,
             started_at=self.started_at,
             model_requested=self.model_requested,
             model_resolved=self.entry.name if self.entry else None,

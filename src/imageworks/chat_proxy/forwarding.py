@@ -108,8 +108,16 @@ class Forwarder:
         self, target: Target, body: ChatCompletionRequest, *, wait: Wait | None = None
     ) -> Completion:
         """POST and wait for the whole answer, within the backend timeout."""
-        url = f"{target.base_url}/chat/completions"
-        return await self._complete(target, url, request_json(body, model=target.model), wait=wait)
+        return await self.complete_at(
+            target, "chat/completions", request_json(body, model=target.model), wait=wait
+        )
+
+    async def complete_at(
+        self, target: Target, path: str, content: bytes, *, wait: Wait | None = None
+    ) -> Completion:
+        """POST `content` to `path` below the target's OpenAI base (`completions`,
+        `embeddings` ...) and wait for the whole answer, within the backend timeout."""
+        return await self._complete(target, f"{target.base_url}/{path}", content, wait=wait)
 
     async def backend_json(
         self, target: Target, path: str, payload: dict[str, Any]
@@ -164,10 +172,15 @@ class Forwarder:
     ) -> UpstreamStream:
         """Send a streaming request and wait for the backend's headers (errors come before
         the client sees anything, so they keep their HTTP status)."""
-        url = f"{target.base_url}/chat/completions"
-        response = await self._send_stream(
-            target, url, request_json(body, model=target.model), wait
-        )
+        content = request_json(body, model=target.model)
+        return await self.open_stream_at(target, "chat/completions", content, wait=wait)
+
+    async def open_stream_at(
+        self, target: Target, path: str, content: bytes, *, wait: Wait | None = None
+    ) -> UpstreamStream:
+        """`open_stream` for any endpoint's `path` below the target's OpenAI base."""
+        url = f"{target.base_url}/{path}"
+        response = await self._send_stream(target, url, content, wait)
         return UpstreamStream(response, target, self._idle_timeout_s)
 
     async def _send_stream(

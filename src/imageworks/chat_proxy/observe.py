@@ -77,6 +77,9 @@ class RequestRecord:
     queue_ms: float | None = None
     upstream_ms: float | None = None
     proxy_ms: float | None = None
+    # The path the client posted to. Lines written before the field existed have none: they
+    # are all chat completions.
+    endpoint: str = "/v1/chat/completions"
 
     def to_json_line(self, log_prompts: bool) -> bytes:
         """The record as one compact JSON line in UTF-8, newline included."""
@@ -93,6 +96,7 @@ class RequestRecord:
         line: dict[str, Any] = {
             "ts": iso_utc(self.started_at),
             "request_id": self.request_id,
+            "endpoint": self.endpoint,
             "model_requested": self.model_requested,
             "model_resolved": self.model_resolved,
             "backend": self.backend,

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from imageworks.chat_proxy.endpoint_requests import (
+    CompletionRequest,
+    EmbeddingRequest,
+    ResponsesRequest,
+)
 from imageworks.chat_proxy.requests import ChatCompletionRequest
 
 _REF = "#/components/schemas/{model}"
@@ -120,6 +125,78 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "usage": {"anyOf": [_ref("Usage"), {"type": "null"}]},
+        },
+    },
+    "Completion": {
+        "type": "object",
+        "description": "A prompt's completion; a streamed one is a series of these, each "
+        "`data: <Completion>` with the text's next piece, then `data: [DONE]`.",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "text_completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "text"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "text": {"type": "string"},
+                        "logprobs": {"type": ["object", "null"]},
+                        "finish_reason": _NULLABLE_STRING,
+                    },
+                },
+            },
+            "usage": {"anyOf": [_ref("Usage"), {"type": "null"}]},
+        },
+    },
+    "EmbeddingList": {
+        "type": "object",
+        "required": ["object", "data", "model"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["object", "index", "embedding"],
+                    "properties": {
+                        "object": {"const": "embedding"},
+                        "index": {"type": "integer"},
+                        "embedding": {
+                            "anyOf": [
+                                {"type": "array", "items": {"type": "number"}},
+                                {"type": "string", "description": "base64 float32s"},
+                            ]
+                        },
+                    },
+                },
+            },
+            "model": {"type": "string"},
+            "usage": {
+                "type": "object",
+                "properties": {
+                    "prompt_tokens": {"type": "integer"},
+                    "total_tokens": {"type": "integer"},
+                },
+            },
+        },
+    },
+    "Response": {
+        **_OBJECT,
+        "description": "The backend's Responses API object (`object: response`, `output`, "
+        "`usage`), as it sent it.",
+        "required": ["id", "object"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "status": {"type": "string"},
+            "model": {"type": "string"},
+            "output": {"type": "array", "items": _OBJECT},
+            "usage": _OBJECT,
         },
     },
     "Usage": {
@@ -236,6 +313,37 @@ def _chat_completions() -> dict[str, Any]:
     }
 
 
+def _model_post(
+    summary: str,
+    operation: str,
+    request: str,
+    answer: str,
+    events: str | None,
+    description: str,
+) -> dict[str, Any]:
+    """A model endpoint's POST: routed by `model`, errors as chat's, a stream if `events`."""
+    content: dict[str, Any] = {JSON: {"schema": _ref(answer)}}
+    if events is not None:
+        content["text/event-stream"] = {
+            "schema": {"type": "string", "description": events},
+            "x-event-data": _ref(answer),
+        }
+    return {
+        "post": {
+            "summary": summary,
+            "description": description + " Fields not in the schema are forwarded as sent. A "
+            "model whose backend lacks this endpoint is a 400 `unsupported_endpoint` naming "
+            "the endpoints it has.",
+            "operationId": operation,
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+            "responses": {
+                "200": {"description": "The answer", "content": content},
+                **_errors(400, 404, 413, 502, 503, 504),
+            },
+        }
+    }
+
+
 def _post(summary: str, operation: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
     return {"post": _get(summary, operation, ok, *errors)["get"]}
 
@@ -252,8 +360,12 @@ def _get(summary: str, operation: str, ok: dict[str, Any], *errors: int) -> dict
 
 def openapi_document(version: str) -> dict[str, Any]:
     """The document: OpenAPI 3.1, whose schemas are JSON Schema 2020-12 as pydantic writes it."""
-    request = ChatCompletionRequest.model_json_schema(by_alias=True, ref_template=_REF)
-    schemas = {**request.pop("$defs", {}), "ChatCompletionRequest": request, **_SCHEMAS}
+    schemas: dict[str, Any] = {}
+    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest):
+        request = model.model_json_schema(by_alias=True, ref_template=_REF)
+        schemas.update(request.pop("$defs", {}))
+        schemas[model.__name__] = request
+    schemas.update(_SCHEMAS)
     admin_status = _json("AdminStatus", "The GPU slot and the state file")
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -287,6 +399,37 @@ def openapi_document(version: str) -> dict[str, Any]:
                 }
             },
             "/v1/chat/completions": _chat_completions(),
+            "/v1/completions": _model_post(
+                "Complete a prompt (the legacy completions API)",
+                "createCompletion",
+                "CompletionRequest",
+                "Completion",
+                "Server-sent events, each `data: <Completion>`, then `data: [DONE]` (`: loading`"
+                ' comments first while the model loads; `data: {"error": ...}` and `[DONE]` if '
+                "it fails after it began)",
+                "Forwarded to the entry's backend with `model` rewritten to its served id; the "
+                "entry's generation defaults fill what the request leaves unset.",
+            ),
+            "/v1/embeddings": _model_post(
+                "Embed one text or several",
+                "createEmbedding",
+                "EmbeddingRequest",
+                "EmbeddingList",
+                None,
+                "For entries with the `embedding` role or capability; `encoding_format` "
+                "`base64` is passed to the backend.",
+            ),
+            "/v1/responses": _model_post(
+                "Create a response (the Responses API, stateless)",
+                "createResponse",
+                "ResponsesRequest",
+                "Response",
+                "Typed server-sent events (`event: response.output_text.delta` ...) relayed "
+                "byte for byte, ending with `response.completed`; an `event: error` (type, "
+                "code, message, param, sequence_number) if it fails after it began",
+                "Relayed to a backend that has it (llama-server, vLLM, Ollama, external "
+                "servers) as it answers.",
+            ),
             "/v1/metrics": _get(
                 "Rolling metrics (CHAT_PROXY_ENABLE_METRICS=1)",
                 "metrics",

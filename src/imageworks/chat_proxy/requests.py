@@ -80,6 +80,8 @@ _TAGS = frozenset(
     [f"kind:{kind}" for kind in ("string", "array", "object", "other")]
     + [f"part:{kind}" for kind in (*_PART_TYPES, "refusal", "audio_url", "video_url")]
     + [f"format:{kind}" for kind in ("text", "json_object", "json_schema", "structural_tag")]
+    # a prompt's or an embedding input's shape (endpoint_requests.py)
+    + [f"text:{kind}" for kind in ("string", "strings", "tokens", "token_arrays")]
 )
 
 
@@ -459,11 +461,16 @@ def as_json_data(model: BaseModel) -> dict[str, Any]:
 
 def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
     """The one parse of a request body; InvalidRequest (400) naming the field otherwise."""
+    return parse_request(raw, ChatCompletionRequest)
+
+
+def parse_request(raw: bytes, model: type[M]) -> M:
+    """`raw` as a `model` (any endpoint's request); InvalidRequest (400) naming the field."""
     problem = json_shape_problem(raw, MAX_JSON_DEPTH)
     if problem is not None:
         raise InvalidRequest(f"The request body is not valid JSON: {problem}.", code="invalid_json")
     try:
-        return ChatCompletionRequest.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise invalid_request(exc.errors(include_url=False)[0]) from None
 

@@ -1,8 +1,9 @@
 """Thin HTTP handlers: each one reads the request, asks a service, and returns its answer.
 
-`API_ROUTES` and `SCRAPE_ROUTES` are the app's table. The chat completion, `ChatEndpoint`, is a
-plain ASGI app; `app.py` also puts it in front of the router, so the hot path meets no routing,
-no request object and no exception middleware."""
+`API_ROUTES` and `SCRAPE_ROUTES` are the app's table. The model endpoints (chat, completions,
+embeddings, responses) are plain ASGI apps (`ModelEndpoint`); `app.py` also puts the chat
+completion in front of the router, so the hot path meets no routing, no request object and no
+exception middleware."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from imageworks.backends.base import BackendNotReady
+from imageworks.backends.endpoints import Endpoint
 from imageworks.chat_proxy.overview import overview
 from imageworks.chat_proxy.protocol import (
     MAX_JSON_DEPTH,
@@ -35,7 +37,7 @@ from imageworks.chat_proxy.services import Services, reload_registry
 from imageworks.chat_proxy.sse import ClientGone, Reply
 from imageworks.chat_proxy.timing import request_timing
 
-CHAT_PATH = "/v1/chat/completions"
+CHAT_PATH = Endpoint.CHAT.path
 
 
 def _services(request: Request) -> Services:
@@ -78,9 +80,13 @@ async def _request_body(request: Request, limit: int) -> bytes:
     )
 
 
-class ChatEndpoint:
-    """`POST /v1/chat/completions`, as a plain ASGI app: the body is read here, and the chat
-    service's response runs the whole request (and stops it the moment the client leaves)."""
+class ModelEndpoint:
+    """A `POST` routed by its `model` (chat, completions, embeddings, responses), as a plain
+    ASGI app: the body is read here, and the service's response runs the whole request (and
+    stops it the moment the client leaves)."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services: Services = scope["app"].state.services  # Starlette puts itself in the scope
@@ -88,12 +94,20 @@ class ChatEndpoint:
         try:
             body = await _read_body(receive, _content_length(scope), limit)
         except BodyTooLarge as error:
-            services.chat.refused(error)
+            services.chat.refused(error, self.endpoint)
             await Reply(send).fail(error)
             return
         except ClientGone:
             return  # nothing was accepted: there is no one to answer
-        await services.chat.handle(body, request_timing(scope))(scope, receive, send)
+        response = services.chat.handle(body, request_timing(scope), self.endpoint)
+        await response(scope, receive, send)
+
+
+class ChatEndpoint(ModelEndpoint):
+    """`POST /v1/chat/completions` (app.py also serves it in front of the router)."""
+
+    def __init__(self) -> None:
+        super().__init__(Endpoint.CHAT)
 
 
 async def health(request: Request) -> Response:
@@ -224,6 +238,10 @@ API_ROUTES: list[BaseRoute] = [
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model_id:path}", model, methods=["GET"]),
     Route(CHAT_PATH, ChatEndpoint(), methods=["POST"]),
+    *(
+        Route(endpoint.path, ModelEndpoint(endpoint), methods=["POST"])
+        for endpoint in (Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS, Endpoint.RESPONSES)
+    ),
     Route("/v1/metrics", metrics, methods=["GET"]),
     Route("/v1/openapi.json", openapi, methods=["GET"]),
     Route("/v1/admin/status", admin_status, methods=["GET"]),

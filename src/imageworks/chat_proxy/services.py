@@ -15,6 +15,7 @@ import httpx
 
 from imageworks.backends.autostart import Autostarter
 from imageworks.backends.base import BackendNotReady
+from imageworks.backends.endpoints import launcher_dialect
 from imageworks.backends.external import ExternalBackend
 from imageworks.backends.gpu import GpuSlot
 from imageworks.backends.managed import (
@@ -232,6 +233,7 @@ def chat_rules(settings: ProxySettings) -> ChatRules:
         log_prompts=settings.log_prompts,
         stream_heartbeat_s=settings.stream_heartbeat_s,
         requested_model_in_answers=settings.response_model == "requested",
+        llamacpp_dialect=launcher_dialect(settings.llamacpp_launcher),
     )
 
 

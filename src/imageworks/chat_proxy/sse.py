@@ -66,6 +66,11 @@ class Reply:
         await self.event(SSE_DONE)
         await self._body(b"", more=False)
 
+    async def end(self) -> None:
+        """The end of an event stream that has no `[DONE]` (the Responses API's)."""
+        await self.open_stream()
+        await self._body(b"", more=False)
+
     async def whole(
         self,
         status: int,

@@ -8,7 +8,7 @@ was.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,6 +38,9 @@ class BackendConfig(_Section):
     # --ctx-size/--parallel, llama-cpp-python: --n_ctx, vLLM: --max-model-len/--max-num-seqs).
     context_length: int | None = Field(default=None, gt=0)  # tokens one request may use
     parallel: int | None = Field(default=None, gt=0)  # requests served at the same time
+    # How an embedding entry pools token vectors into one (llama-server --pooling, vLLM
+    # --pooler-config); unset: the model's own.
+    pooling: Literal["mean", "cls", "last"] | None = None
     extra_args: list[str] = Field(default_factory=list)  # passed raw, after ours; they win
 
     @field_validator("host", "base_url", mode="before")
