@@ -255,8 +255,10 @@ class ResponsesFlow(_Passthrough):
     async def _relay(self, exchange: Exchange, upstream: UpstreamStream, reply: Reply) -> None:
         async for event in upstream.events():
             kind = _event_type(event)
-            if (found := _SEQUENCE.search(event)) is not None:
-                exchange.sequence = int(found.group(1))
+            # Its number, or (llama-server numbers none) the next after the last one's.
+            found = _SEQUENCE.search(event)
+            last = exchange.sequence
+            exchange.sequence = int(found.group(1)) if found else 0 if last is None else last + 1
             said = backend_error(event)
             if said is not None or kind == "error":  # the backend gave up, in either shape
                 detail = said or _payload(event) or {}
