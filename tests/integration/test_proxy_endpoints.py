@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from openai import APIError, OpenAI
 
 from conftest import make_demo_workspace, write_json
 from support.proxy_process import RunningProxy, Workspace, pid_alive
@@ -372,3 +373,32 @@ def test_the_log_records_each_failed_stream_once(scripted: ProxyServer) -> None:
         502,
         "error",
     )
+
+
+def _sdk(proxy: ProxyServer) -> OpenAI:
+    return OpenAI(base_url=f"{proxy.url}/v1", api_key="EMPTY", timeout=30, max_retries=0)
+
+
+def test_the_openai_sdk_reads_responses_events_and_their_error_event(
+    scripted: ProxyServer,
+) -> None:
+    events = list(_sdk(scripted).responses.create(model="scripted echo", input="hi", stream=True))
+    assert events[-1].type == "response.completed"
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == "".join(ECHO_PIECES)
+    cut = list(_sdk(scripted).responses.create(model="scripted cut-short", input="hi", stream=True))
+    last = cut[-1]
+    assert last.type == "error"
+    assert last.code == "stream_truncated"  # the SDK's ResponseErrorEvent, as OpenAI sends it
+
+
+def test_the_openai_sdk_raises_for_a_completion_stream_that_ends_unfinished(
+    scripted: ProxyServer,
+) -> None:
+    stream = _sdk(scripted).completions.create(model="scripted cut-short", prompt="hi", stream=True)
+    with pytest.raises(APIError, match="ended the stream before the completion was finished"):
+        list(stream)
+    whole = _sdk(scripted).completions.create(model="scripted echo", prompt="hi")
+    assert whole.choices[0].text == ECHO_TEXT
+    vectors = _sdk(scripted).embeddings.create(model="scripted echo", input=["a", "b"])
+    assert [item.embedding for item in vectors.data] == [VECTOR, VECTOR]
