@@ -4,6 +4,7 @@ name the field, and everything else forwarded as sent."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +15,10 @@ from imageworks.chat_proxy.endpoint_requests import (
     ResponsesRequest,
     wire_json,
 )
+from imageworks.chat_proxy.passthrough import CompletionsFlow
 from imageworks.chat_proxy.protocol import InvalidRequest
 from imageworks.chat_proxy.requests import parse_request
+from imageworks.registry.schema import RegistryEntry
 
 Model = type[CompletionRequest] | type[EmbeddingRequest] | type[ResponsesRequest]
 
@@ -122,3 +125,30 @@ def test_the_backend_gets_what_was_sent_with_its_served_model(
 
 def test_an_embedding_request_never_streams() -> None:
     assert _parse(EmbeddingRequest, {"model": "m", "input": "x", "stream": True}).stream is False
+
+
+async def test_a_completion_takes_the_entrys_sampling_defaults_where_unset(tmp_path: Path) -> None:
+    entry = RegistryEntry.model_validate(
+        {
+            "name": "m",
+            "backend": "llamacpp",
+            "generation_defaults": {"max_tokens": 48, "temperature": 0.7, "top_k": 40},
+        }
+    )
+    flow = CompletionsFlow(None, log_prompts=False, rename=True)  # type: ignore[arg-type]
+    body = _parse(CompletionRequest, {"model": "m", "prompt": "x", "temperature": 0})
+    prepared = await flow.prepare(body, entry, tmp_path)
+    forwarded = json.loads(wire_json(prepared, model="served"))
+    # The client's temperature wins; what it left unset comes from the entry.
+    assert forwarded == {
+        "model": "served",
+        "prompt": "x",
+        "temperature": 0,
+        "max_tokens": 48,
+        "top_k": 40,
+    }
+    assert json.loads(wire_json(body, model="served")) == {  # the parsed request is untouched
+        "model": "served",
+        "prompt": "x",
+        "temperature": 0,
+    }

@@ -32,6 +32,7 @@ from imageworks.chat_proxy.endpoint_requests import (
 )
 from imageworks.chat_proxy.exchange import Exchange, usage_of
 from imageworks.chat_proxy.forwarding import Completion, Forwarder, UpstreamStream
+from imageworks.chat_proxy.normalize.request import _SAMPLING_FIELDS as SAMPLING_FIELDS
 from imageworks.chat_proxy.normalize.response import ModelRenamer
 from imageworks.chat_proxy.normalize.stream import backend_error, finishes_a_choice
 from imageworks.chat_proxy.protocol import (
@@ -45,17 +46,6 @@ from imageworks.chat_proxy.requests import parse_request, replace
 from imageworks.chat_proxy.sse import Reply, shielded
 from imageworks.registry.schema import RegistryEntry
 
-# Entry defaults a prompt completion takes: registry field -> request field.
-_SAMPLING_DEFAULTS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "max_tokens": "max_tokens",
-    "min_tokens": "min_tokens",
-    "frequency_penalty": "frequency_penalty",
-    "presence_penalty": "presence_penalty",
-    "stop_sequences": "stop",
-}
 # The events that end a Responses API stream, and whether the answer was made.
 _RESPONSE_ENDS = {"response.completed": True, "response.incomplete": True, "response.failed": False}
 _EVENT_LINE = re.compile(rb"^event:[ \t]*([^\r\n]*)", re.MULTILINE)
@@ -113,7 +103,7 @@ class CompletionsFlow(_Passthrough):
         defaults = entry.generation_defaults
         additions = {
             field: value
-            for source, field in _SAMPLING_DEFAULTS.items()
+            for source, field in SAMPLING_FIELDS.items()  # as a chat completion takes them
             if (value := getattr(defaults, source)) not in (None, []) and field not in sent
         }
         return replace(body, **additions) if additions else body
