@@ -394,7 +394,7 @@ def _in_dialect(request: ChatCompletionRequest, dialect: Dialect) -> ChatComplet
 
 def _not_ready(exc: BackendNotReady) -> ProxyError:
     if isinstance(exc, BackendBusy):
-        return QueueTimeout(str(exc), exc.retry_after_s)
+        return QueueTimeout(str(exc), exc.retry_after_s, code=exc.code)
     return BackendUnavailable(str(exc), code="backend_not_ready")
 
 
