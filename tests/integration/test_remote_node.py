@@ -184,7 +184,7 @@ def test_a_wrong_key_is_a_clear_error_naming_its_variable(nodes: Nodes) -> None:
     assert "NODE_B_WRONG_KEY" in reason
     assert "401" in reason
     error = error_of(chat(nodes.a, WRONG), 503)
-    assert error["code"] == "remote_unreachable"
+    assert error["code"] == "backend_unreachable"
     assert "NODE_B_WRONG_KEY" in error["message"]
     assert "refused the key" in error["message"]
     assert_keys_nowhere_on_a(nodes)
@@ -200,7 +200,7 @@ def test_node_b_down_is_seen_by_node_a_and_its_return_too(nodes: Nodes) -> None:
     )
     refused = chat(nodes.a, REMOTE)
     error = error_of(refused, 503)
-    assert error["code"] == "remote_unreachable"
+    assert error["code"] == "backend_unreachable"
     assert f"127.0.0.1:{nodes.ws_b.proxy_port}/v1" in error["message"]
     assert "unreachable since" in error["message"]
     assert int(refused.headers["Retry-After"]) >= 1

@@ -42,7 +42,7 @@ VARIABLE = "NODE_B_KEY"
 OLLAMA = "http://127.0.0.1:9"
 
 
-def remote(base_url: str, model: str = "echo", **config: Any) -> RegistryEntry:
+def remote(base_url: str, model: str = "echo", **config: object) -> RegistryEntry:
     return RegistryEntry.model_validate(
         {
             "name": "remote",
@@ -108,7 +108,7 @@ def test_api_key_env_refuses_what_looks_like_a_key_not_a_name() -> None:
 )
 def test_remote_timeouts_must_be_positive(field: str) -> None:
     with pytest.raises(ValidationError) as caught:
-        remote("http://b/v1", **{field: 0})
+        remote("http://b/v1", "echo", **{field: 0.0})
     assert field in str(caught.value)
 
 
@@ -127,7 +127,7 @@ async def test_the_key_reaches_the_remote_on_plain_and_streamed_calls(
     assert [h.get("authorization") for h in upstream.headers] == [f"Bearer {KEY}"] * 2
 
 
-async def _refusing(request: web.Request) -> web.Response:
+async def _refusing(request: web.BaseRequest) -> web.StreamResponse:
     # A server that echoes what it refused: the proxy must not pass that text on.
     said = {"error": {"message": f"bad key {request.headers.get('Authorization')}"}}
     return web.json_response(said, status=401)
@@ -342,7 +342,8 @@ async def test_a_lease_of_a_down_remote_fails_fast_naming_it_and_since_when() ->
         async with backend.lease(remote("http://b:8100/v1")):
             pytest.fail("a down remote must not be leased")
     error = caught.value
-    assert error.code == "remote_unreachable"
+    assert error.code == "backend_unreachable"
+    assert "external:remote" in str(error)
     assert "http://b:8100/v1" in str(error)
     assert "cannot connect" in str(error)
     assert time.strftime("%Y-%m-%dT%H:%M", time.gmtime(since)) in str(error)

@@ -78,9 +78,10 @@ class BackendBusy(BackendNotReady):
 
 class RemoteDown(BackendBusy):
     """The remote's last health check failed: the request is refused at once (503 with
-    `Retry-After` until the next check) instead of waiting on a dead host."""
+    `Retry-After` until the next check) instead of waiting on a dead host. Its code is the one
+    a failed connection has, as it is the same failure, only seen by the check first."""
 
-    code = "remote_unreachable"
+    code = "backend_unreachable"
 
 
 @dataclass(frozen=True, slots=True)

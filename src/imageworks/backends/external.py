@@ -98,11 +98,11 @@ def missing_key_message(name: str, variable: str) -> str:
     )
 
 
-def down_message(name: str, base_url: str, outage: Outage) -> str:
+def down_message(target: Target, outage: Outage) -> str:
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(outage.since))
     return (
-        f"{name}: the remote at {base_url} is unreachable since {since} ({outage.reason}); "
-        "it is checked again shortly"
+        f"The remote backend {target.label} at {target.base_url} is unreachable since {since} "
+        f"({outage.reason}); it is checked again shortly."
     )
 
 
@@ -140,7 +140,7 @@ class ExternalBackend:
             outage = self._outage(entry.name)
             if outage is not None:
                 raise RemoteDown(
-                    down_message(entry.name, target.base_url, outage),
+                    down_message(target, outage),
                     retry_after_s=max(1.0, outage.next_check - time.time()),
                 )
         yield target
