@@ -154,8 +154,8 @@ class Catalog:
                         self._source,
                         self._ollama_host,
                     )
-                    self._record(due, report, {entry.name for entry in entries})
-                    self._checked_at = float("-inf")  # rebuild the listing with the new answers
+                    if self._record(due, report, {entry.name for entry in entries}):
+                        self._checked_at = float("-inf")  # rebuild the listing with the news
             except RegistryError as exc:
                 log.warning("registry unavailable: %s", exc)
             await asyncio.sleep(self._until_next_check())
@@ -163,10 +163,12 @@ class Catalog:
     def _is_due(self, name: str) -> bool:
         return self._next_check.get(name, float("-inf")) <= time.monotonic()
 
-    def _record(self, asked: list[RegistryEntry], report: InstalledReport, names: set[str]) -> None:
+    def _record(self, asked: list[RegistryEntry], report: InstalledReport, names: set[str]) -> bool:
         """Keep the answers for `asked`, schedule their next ask, and forget entries that
-        left the registry (`names`)."""
+        left the registry (`names`). True if a state changed: a remote checked every second
+        must not make the listing be rebuilt every second for nothing."""
         now, wall = time.monotonic(), time.time()
+        before = dict(self._served_states)
         for entry in asked:
             interval = (
                 entry.backend_config.health_check_interval_s or self._settings.installed_refresh_s
@@ -187,6 +189,7 @@ class Catalog:
             self._served_states.pop(name, None)
             self._outages.pop(name, None)
             self._next_check.pop(name, None)
+        return self._served_states != before
 
     def _until_next_check(self) -> float:
         """Seconds to sleep: until the first entry is due, at most `installed_refresh_s` (new
