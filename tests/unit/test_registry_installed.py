@@ -15,6 +15,7 @@ from imageworks.registry.installed import (
     Installed,
     ServedApi,
     ServedModelsQuery,
+    Unanswered,
     installed_states,
 )
 from imageworks.registry.schema import RegistryEntry
@@ -27,13 +28,13 @@ def _entry(name: str, backend: str, **fields: Any) -> RegistryEntry:
 
 
 class FakeSource:
-    def __init__(self, answers: dict[str, frozenset[str] | None]) -> None:
+    def __init__(self, answers: dict[str, frozenset[str] | Unanswered]) -> None:
         self.answers = answers
         self.asked: list[ServedModelsQuery] = []
 
-    def served_models(self, query: ServedModelsQuery) -> frozenset[str] | None:
+    def served_models(self, query: ServedModelsQuery) -> frozenset[str] | Unanswered:
         self.asked.append(query)
-        return self.answers.get(query.url)
+        return self.answers.get(query.url, Unanswered("cannot connect", down=True))
 
 
 def test_local_weights_are_installed_when_the_path_exists(tmp_path: Path) -> None:
@@ -139,12 +140,15 @@ def test_http_source_reads_ollama_tags_and_openai_models(http_backend: str) -> N
     }
 
 
-def test_http_source_answers_none_for_a_dead_backend() -> None:
+def test_http_source_says_a_dead_backend_is_down() -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
     source = HttpServedModels(timeout_s=5)
-    assert source.served_models(ServedModelsQuery(ServedApi.OLLAMA, dead)) is None
+    answer = source.served_models(ServedModelsQuery(ServedApi.OLLAMA, dead))
+    assert isinstance(answer, Unanswered)
+    assert answer.down
+    assert "cannot connect" in answer.reason
 
 
 def test_http_source_gives_up_on_a_silent_backend_after_its_timeout() -> None:
@@ -153,4 +157,7 @@ def test_http_source_gives_up_on_a_silent_backend_after_its_timeout() -> None:
         listener.listen()
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         source = HttpServedModels(timeout_s=0.2)
-        assert source.served_models(ServedModelsQuery(ServedApi.OLLAMA, url)) is None
+        answer = source.served_models(ServedModelsQuery(ServedApi.OLLAMA, url))
+        assert isinstance(answer, Unanswered)
+        assert answer.down
+        assert "no answer within 0.2s" in answer.reason

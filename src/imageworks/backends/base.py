@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from imageworks.registry.schema import RegistryEntry
@@ -25,6 +25,15 @@ class Dialect(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class Timeouts:
+    """An entry's own limits (`backend_config`); None: the proxy-wide one."""
+
+    request_s: float | None = None  # a whole non-streaming answer, and a stream's headers
+    stream_idle_s: float | None = None  # the longest silence inside a stream
+    connect_s: float | None = None  # opening the connection
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     """Where one request goes."""
 
@@ -35,6 +44,12 @@ class Target:
     # timeout), so a failure can say so instead of "connection closed".
     preempted: Callable[[], str | None] = lambda: None
     dialect: Dialect = Dialect.OPENAI
+    timeouts: Timeouts = Timeouts()
+    # Sent with every call to this backend, e.g. `Authorization` for a remote that wants a key.
+    # Kept out of the repr: a target in a log line or a traceback must not show a key.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # The environment variable the key came from: how errors name the key without showing it.
+    key_env: str | None = None
 
 
 class Backend(Protocol):
@@ -54,6 +69,26 @@ class BackendBusy(BackendNotReady):
     draining, stopping or starting). Worth retrying: `retry_after_s` is a fair guess at when
     (the proxy answers 503 with a `Retry-After` header)."""
 
+    code = "queue_timeout"
+
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RemoteDown(BackendBusy):
+    """The remote's last health check failed: the request is refused at once (503 with
+    `Retry-After` until the next check) instead of waiting on a dead host. Its code is the one
+    a failed connection has, as it is the same failure, only seen by the check first."""
+
+    code = "backend_unreachable"
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """A remote entry's failing health check: since when (epoch seconds), why (never a key),
+    and when it is checked next (epoch seconds)."""
+
+    since: float
+    reason: str
+    next_check: float

@@ -3,6 +3,9 @@
 The registry is re-checked off the event loop at most once a second (a few `stat` calls when
 nothing changed). Whether backend-served entries (Ollama tags, external URLs) are installed is
 asked in the background every `installed_refresh_s`, so a dead backend never slows a listing.
+For a remote entry that ask is its health check (at the entry's own `health_check_interval_s`
+if it sets one): while it fails the entry is "unreachable", still listed, and `outage()` says
+since when and why, so its requests are refused at once.
 
 A model's `created` is the entry's `downloaded_at` (an ISO 8601 time or Unix seconds, at the top
 of the entry as the original registry writes it, or in `metadata`), else the modification time
@@ -20,10 +23,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from imageworks.backends.base import Outage
 from imageworks.chat_proxy.config import ProxySettings
 from imageworks.chat_proxy.protocol import InvalidRequest, ModelNotFound, json_bytes
 from imageworks.registry.errors import AmbiguousName, EntryNotFound, RegistryError
-from imageworks.registry.installed import Installed, ServedModelsSource, installed_states
+from imageworks.registry.installed import (
+    Installed,
+    InstalledReport,
+    ServedModelsSource,
+    installed_report,
+    installed_states,
+)
 from imageworks.registry.naming import NameIndex, display_name
 from imageworks.registry.schema import RegistryEntry
 from imageworks.registry.store import RegistrySnapshot, RegistryStore
@@ -31,6 +41,13 @@ from imageworks.registry.store import RegistrySnapshot, RegistryStore
 log = logging.getLogger("imageworks.chat_proxy.catalog")
 
 RECHECK_INTERVAL_S = 1.0
+# The background check never wakes more often than this, however short an entry's interval.
+_MIN_CHECK_INTERVAL_S = 0.1
+# Listed even when CHAT_PROXY_INCLUDE_NON_INSTALLED is off. That setting hides what would need
+# a download (NO) and what no backend vouches for (UNKNOWN). An unreachable remote is neither:
+# it is a curated pointer at a server that is down for now, and hiding it would make clients
+# drop the model they had selected; it is listed with its state, and its requests fail fast.
+_ALWAYS_LISTED = frozenset({Installed.YES, Installed.UNREACHABLE})
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,8 @@ class Catalog:
         self._ollama_host = ollama_host
         self._source = served_source
         self._served_states: dict[str, Installed] = {}
+        self._outages: dict[str, Outage] = {}  # entry name -> its failing health check
+        self._next_check: dict[str, float] = {}  # entry name -> monotonic time of its next ask
         self._view: CatalogView | None = None
         self._checked_at = float("-inf")
         self._refresh_lock = asyncio.Lock()
@@ -114,23 +133,69 @@ class Catalog:
         except EntryNotFound as exc:
             raise ModelNotFound(requested, exc.suggestions) from exc
 
+    def outage(self, name: str) -> Outage | None:
+        """The remote entry's failing health check, or None while it passes (or is not a
+        remote)."""
+        return self._outages.get(name)
+
     async def keep_installed_states_fresh(self) -> None:
-        """Background task: ask backends which of their models exist, forever."""
+        """Background task: ask backends which of their models exist, forever; each entry
+        when it is due (its `health_check_interval_s`, else `installed_refresh_s`)."""
         while True:
             try:
                 view = await self.view()
-                states = await asyncio.to_thread(
-                    installed_states,
-                    view.snapshot.entries,
-                    view.snapshot.directory,
-                    self._source,
-                    self._ollama_host,
-                )
-                self._served_states = states
-                self._checked_at = float("-inf")  # rebuild the listing with the new answers
+                entries = view.snapshot.entries
+                due = [entry for entry in entries if self._is_due(entry.name)]
+                if due:
+                    report = await asyncio.to_thread(
+                        installed_report,
+                        due,
+                        view.snapshot.directory,
+                        self._source,
+                        self._ollama_host,
+                    )
+                    if self._record(due, report, {entry.name for entry in entries}):
+                        self._checked_at = float("-inf")  # rebuild the listing with the news
             except RegistryError as exc:
                 log.warning("registry unavailable: %s", exc)
-            await asyncio.sleep(self._settings.installed_refresh_s)
+            await asyncio.sleep(self._until_next_check())
+
+    def _is_due(self, name: str) -> bool:
+        return self._next_check.get(name, float("-inf")) <= time.monotonic()
+
+    def _record(self, asked: list[RegistryEntry], report: InstalledReport, names: set[str]) -> bool:
+        """Keep the answers for `asked`, schedule their next ask, and forget entries that
+        left the registry (`names`). True if a state changed: a remote checked every second
+        must not make the listing be rebuilt every second for nothing."""
+        now, wall = time.monotonic(), time.time()
+        before = dict(self._served_states)
+        for entry in asked:
+            interval = (
+                entry.backend_config.health_check_interval_s or self._settings.installed_refresh_s
+            )
+            self._next_check[entry.name] = now + interval
+            state = report.states[entry.name]
+            self._served_states[entry.name] = state
+            if state is Installed.UNREACHABLE:
+                previous = self._outages.get(entry.name)
+                since = previous.since if previous is not None else wall
+                reason = report.reasons[entry.name]
+                self._outages[entry.name] = Outage(since, reason, wall + interval)
+                if previous is None:
+                    log.warning("remote entry %s is unreachable: %s", entry.name, reason)
+            elif self._outages.pop(entry.name, None) is not None:
+                log.info("remote entry %s is reachable again", entry.name)
+        for name in (self._served_states.keys() | self._next_check.keys()) - names:
+            self._served_states.pop(name, None)
+            self._outages.pop(name, None)
+            self._next_check.pop(name, None)
+        return self._served_states != before
+
+    def _until_next_check(self) -> float:
+        """Seconds to sleep: until the first entry is due, at most `installed_refresh_s` (new
+        entries are asked within it)."""
+        soonest = min(self._next_check.values(), default=float("inf")) - time.monotonic()
+        return max(_MIN_CHECK_INTERVAL_S, min(soonest, self._settings.installed_refresh_s))
 
     # -- runs in a worker thread ---------------------------------------------------------------
 
@@ -166,7 +231,7 @@ class Catalog:
                 entry, index, states[entry.name], _created(entry, snapshot, file_times)
             )
             for entry in index.entries
-            if self._settings.include_non_installed or states[entry.name] is Installed.YES
+            if self._settings.include_non_installed or states[entry.name] in _ALWAYS_LISTED
         ]
         listing = json_bytes({"object": "list", "data": items})
         models = {item["id"]: json_bytes(item) for item in items}

@@ -273,7 +273,7 @@ class ChatService:
 
 def _not_ready(exc: BackendNotReady) -> ProxyError:
     if isinstance(exc, BackendBusy):
-        return QueueTimeout(str(exc), exc.retry_after_s)
+        return QueueTimeout(str(exc), exc.retry_after_s, code=exc.code)
     return BackendUnavailable(str(exc), code="backend_not_ready")
 
 

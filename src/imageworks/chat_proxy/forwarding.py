@@ -138,12 +138,17 @@ class Forwarder:
         *,
         wait: Wait | None = None,
     ) -> Completion:
-        timeout_s = self._backend_timeout_s if timeout_s is None else timeout_s
+        own = target.timeouts
+        limit = own.request_s or self._backend_timeout_s
+        timeout_s = limit if timeout_s is None else min(timeout_s, limit)
+        call_timeout = self._call_timeout
+        if own.request_s or own.connect_s:
+            call_timeout = _timeout(own.connect_s or limit, read_s=limit)
         try:
             with wait or contextlib.nullcontext():
                 async with asyncio.timeout(timeout_s):
                     response = await self._session.post(
-                        url, data=content, timeout=self._call_timeout
+                        url, data=content, timeout=call_timeout, headers=_headers(target)
                     )
                     async with response:
                         answer = await response.read()
@@ -155,7 +160,9 @@ class Forwarder:
                 code="backend_timeout",
             ) from None
         if response.status >= 400:
-            raise upstream_error(response.status, answer, target.label)
+            raise _refused_key(response.status, target) or upstream_error(
+                response.status, answer, target.label
+            )
         try:
             parsed = parse_json(answer)
         except (ValueError, UnicodeDecodeError):
@@ -181,14 +188,23 @@ class Forwarder:
         """`open_stream` for any endpoint's `path` below the target's OpenAI base."""
         url = f"{target.base_url}/{path}"
         response = await self._send_stream(target, url, content, wait)
-        return UpstreamStream(response, target, self._idle_timeout_s)
+        return UpstreamStream(response, target, self._idle_timeout(target))
 
     async def _send_stream(
         self, target: Target, url: str, content: bytes, wait: Wait | None
     ) -> aiohttp.ClientResponse:
+        own = target.timeouts
+        stream_timeout = self._stream_timeout
+        if own.request_s or own.stream_idle_s or own.connect_s:
+            stream_timeout = _timeout(
+                own.connect_s or own.request_s or self._backend_timeout_s,
+                read_s=self._idle_timeout(target),
+            )
         with wait or contextlib.nullcontext():  # an error's body is the backend's time too
             try:
-                response = await self._session.post(url, data=content, timeout=self._stream_timeout)
+                response = await self._session.post(
+                    url, data=content, timeout=stream_timeout, headers=_headers(target)
+                )
             except aiohttp.ClientError as exc:
                 raise translate(exc, target) from exc
             if response.status >= 400:
@@ -198,8 +214,13 @@ class Forwarder:
                     raise translate(exc, target) from exc
                 finally:
                     response.release()
-                raise upstream_error(response.status, answer, target.label)
+                raise _refused_key(response.status, target) or upstream_error(
+                    response.status, answer, target.label
+                )
         return response
+
+    def _idle_timeout(self, target: Target) -> float:
+        return target.timeouts.stream_idle_s or self._idle_timeout_s
 
     # -- Ollama's native /api/chat, for what its /v1 cannot do (images, tool arguments, num_ctx)
 
@@ -234,7 +255,8 @@ class Forwarder:
         options = body.stream_options
         wants_usage = options is not None and bool(options.include_usage)
         translator = OllamaStreamTranslator(target.model, _completion_id())
-        return OllamaUpstreamStream(response, target, self._idle_timeout_s, translator, wants_usage)
+        idle_s = self._idle_timeout(target)
+        return OllamaUpstreamStream(response, target, idle_s, translator, wants_usage)
 
 
 class UpstreamStream:
@@ -329,6 +351,24 @@ def _timeout(connect_s: float, *, read_s: float) -> aiohttp.ClientTimeout:
     """Connecting may take `connect_s`, and each read waits up to `read_s` for a byte (for a
     stream: its idle timeout); no total, the caller bounds the whole call where it has one."""
     return aiohttp.ClientTimeout(total=None, sock_connect=connect_s, sock_read=read_s)
+
+
+def _headers(target: Target) -> dict[str, str] | None:
+    """The target's own headers (a remote's `Authorization`), over the session's."""
+    return dict(target.headers) if target.headers else None
+
+
+def _refused_key(status: int, target: Target) -> ProxyError | None:
+    """A remote refusing the key we sent for it. A 502, not its 401/403: the client's own key
+    was fine (a 401 would tell it otherwise); the proxy's key for that remote was not. The
+    remote's body is not quoted, as a server may echo the key it refused."""
+    if status not in (401, 403) or target.key_env is None:
+        return None
+    return BadGateway(
+        f"The remote {target.label} at {target.base_url} refused the key in the proxy's "
+        f"environment variable {target.key_env} (HTTP {status}).",
+        code="remote_key_refused",
+    )
 
 
 def _ollama_chat_url(target: Target) -> str:

@@ -1,9 +1,10 @@
 """`GET /v1/admin/overview`: everything the dashboard shows, in one answer from memory.
 
-The models with their state in the GPU slot, the slot itself (holder and since when, what a swap
-is doing and for how long, who waits, the last swaps, the last error with the model server's
-log tail), recent requests and a per-10-seconds series for the chart, and the proxy's identity
-(its `boot_id` changes on every start, which is how the page sees a restart complete).
+The models with their state in the GPU slot (a remote's: whether it answers its health check,
+and if not since when and why), the slot itself (holder and since when, what a swap is doing
+and for how long, who waits, the last swaps, the last error with the model server's log tail),
+recent requests and a per-10-seconds series for the chart, and the proxy's identity (its
+`boot_id` changes on every start, which is how the page sees a restart complete).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from imageworks.chat_proxy.catalog import CatalogView
+from imageworks.chat_proxy.catalog import Catalog, CatalogView
 from imageworks.chat_proxy.observe import iso_utc
 from imageworks.chat_proxy.restart import RestartControl
 from imageworks.chat_proxy.services import Services
@@ -40,7 +41,7 @@ def overview(
             "restart_mode": restart.mode,
             "restarting": restart.requested,
         },
-        "models": _models(view, slot),
+        "models": _models(view, slot, services.catalog),
         "slot": _slot(slot),
         "requests": {
             "in_flight": metrics.in_flight,
@@ -50,17 +51,20 @@ def overview(
     }
 
 
-def _models(view: CatalogView, slot: dict[str, Any]) -> list[dict[str, Any]]:
+def _models(view: CatalogView, slot: dict[str, Any], catalog: Catalog) -> list[dict[str, Any]]:
     waiting: dict[str, int] = slot["waiting"]
     models = []
     for entry in view.index.entries:
         installed = view.installed.get(entry.name, Installed.UNKNOWN)
+        outage = catalog.outage(entry.name)
         if entry.name == slot["holder"]:
             state = "stopping" if slot["state"] in ("stopping", "stuck") else "active"
         elif entry.name == slot["starting"]:
             state = "loading"
         elif installed is Installed.NO:
             state = "not installed"
+        elif outage is not None:
+            state = "unreachable"
         else:
             state = "idle"
         capabilities = [name for name, on in entry.declared_capabilities.items() if on]
@@ -75,6 +79,10 @@ def _models(view: CatalogView, slot: dict[str, Any]) -> list[dict[str, Any]]:
                 "installed": installed is Installed.YES,
                 "state": state,
                 "waiting": waiting.get(entry.name, 0),
+                # A remote whose health check fails: since when and why (never its key).
+                "unreachable": None
+                if outage is None
+                else {"since": iso_utc(outage.since), "reason": outage.reason},
             }
         )
     return models

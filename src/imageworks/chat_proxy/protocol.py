@@ -13,7 +13,8 @@ the chat owner itself (`sse.Reply.fail`: the same body, or an SSE error event on
     ├── ModelNotFound       404     no registry entry answers to `model` (lists close names)
     ├── NotFoundError       404     an endpoint that is switched off
     ├── BackendUnavailable  503     the backend cannot be reached or started (names it)
-    │   └── QueueTimeout    503     waited too long for the GPU slot (with Retry-After)
+    │   └── QueueTimeout    503     waited too long for the GPU slot, or the remote is down
+    │                               (with Retry-After)
     ├── BadGateway          502     the backend answered with something that is not OpenAI
     │   └── StreamTruncated 502     a stream ended before any choice had a finish_reason
     ├── BackendTimeout      504     the backend said nothing within the configured time
@@ -110,8 +111,8 @@ class BackendUnavailable(ProxyError):
 
 
 class QueueTimeout(BackendUnavailable):
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message, code="queue_timeout")
+    def __init__(self, message: str, retry_after_s: float, code: str = "queue_timeout") -> None:
+        super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:

@@ -75,7 +75,9 @@ async def running_services(
         store,
         settings,
         ollama_host=registry.ollama_host,
-        served_source=HttpServedModels(registry.installed_check_timeout_s),
+        # Remote entries name the variable holding their key (`api_key_env`); the values are
+        # looked up in the proxy's environment when used, and never copied anywhere else.
+        served_source=HttpServedModels(registry.installed_check_timeout_s, environ=os.environ),
     )
     await catalog.view()  # fail start-up now if the registry cannot be read at all
     await asyncio.to_thread(_refresh_merged_file, store)
@@ -178,7 +180,13 @@ async def running_services(
     router = BackendRouter(
         managed=ManagedBackend(slot, plan_for, idle_ttl),
         ollama=OllamaBackend(slot, registry.ollama_host, settings.loopback_alias),
-        external=ExternalBackend(registry.ollama_host, settings.loopback_alias, autostarter),
+        external=ExternalBackend(
+            registry.ollama_host,
+            settings.loopback_alias,
+            autostarter,
+            environ=os.environ,
+            outage=catalog.outage,
+        ),
         vllm_single_port=settings.vllm_single_port,
     )
     request_log = RequestLog(

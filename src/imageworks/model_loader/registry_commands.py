@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -172,7 +173,8 @@ def _update(ctx: Context, name: str, patch: dict[str, Any]) -> RegistryEntry:
 def _installed(
     entries: Sequence[RegistryEntry], snapshot: RegistrySnapshot, settings: RegistrySettings
 ) -> dict[str, Installed]:
-    source = HttpServedModels(settings.installed_check_timeout_s)
+    # Remote entries' keys are read from the environment, as the proxy's are.
+    source = HttpServedModels(settings.installed_check_timeout_s, environ=os.environ)
     return installed_states(entries, snapshot.directory, source, settings.ollama_host)
 
 

@@ -6,6 +6,9 @@
   when the backend lists it. Asking is network I/O, so it sits behind `ServedModelsSource`, runs
   in parallel per backend, and is bounded by a short timeout: a dead backend makes its entries
   "unknown", it never stalls the listing.
+- For an `external` entry (a remote) that ask is also its health check: a remote that refuses
+  the connection, times out, fails with a 5xx or refuses the key makes its entries
+  "unreachable", with the reason (the key's variable named, never its value).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +31,7 @@ class Installed(enum.Enum):
     YES = "yes"
     NO = "no"
     UNKNOWN = "unknown"  # the backend that would know did not answer
+    UNREACHABLE = "unreachable"  # a remote entry whose health check fails (it is down)
 
 
 class ServedApi(enum.Enum):
@@ -39,39 +43,74 @@ class ServedApi(enum.Enum):
 class ServedModelsQuery:
     api: ServedApi
     url: str
+    key_env: str | None = None  # the variable holding the backend's key (a name, not the key)
+
+
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """Why a backend could not be asked. `down`: it is not serving at all (refused, timed out,
+    5xx, refused the key), as opposed to answering in a way we cannot read."""
+
+    reason: str
+    down: bool
 
 
 class ServedModelsSource(Protocol):
-    def served_models(self, query: ServedModelsQuery) -> frozenset[str] | None:
-        """Lower-cased ids the backend serves, or None if it could not be asked."""
+    def served_models(self, query: ServedModelsQuery) -> frozenset[str] | Unanswered:
+        """Lower-cased ids the backend serves, or why it could not be asked."""
 
 
 class HttpServedModels:
     """Asks backends over HTTP with one short timeout per request."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, environ: Mapping[str, str] | None = None) -> None:
         # One client for every ask (its pool is thread-safe; the asks run in a few threads):
         # a new one per request would load the CA bundle each time, ~10-20 ms of CPU holding
         # the GIL that the proxy's event loop needs meanwhile.
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s))
+        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s), trust_env=False)
+        self._timeout_s = timeout_s
+        # Where `key_env` variables are looked up: the proxy's environment.
+        self._environ: Mapping[str, str] = environ if environ is not None else {}
 
-    def served_models(self, query: ServedModelsQuery) -> frozenset[str] | None:
+    def served_models(self, query: ServedModelsQuery) -> frozenset[str] | Unanswered:
         path = "/api/tags" if query.api is ServedApi.OLLAMA else "/models"
+        headers: dict[str, str] = {}
+        if query.key_env is not None:
+            key = self._environ.get(query.key_env, "").strip()
+            if not key:
+                return Unanswered(f"the key variable {query.key_env} is not set", down=True)
+            headers["Authorization"] = f"Bearer {key}"
         try:
-            response = self._client.get(query.url + path)
-            response.raise_for_status()
+            response = self._client.get(query.url + path, headers=headers)
+        except httpx.TimeoutException:
+            return Unanswered(f"no answer within {self._timeout_s:g}s", down=True)
+        except httpx.HTTPError as exc:
+            # The exception's class, not its text: enough to tell refused from reset, and
+            # nothing a request carried can reach a log through it.
+            return Unanswered(f"cannot connect ({type(exc).__name__})", down=True)
+        status = response.status_code
+        if status in (401, 403):
+            said = (
+                f"the remote refused the key in {query.key_env}"
+                if query.key_env
+                else "the remote wants a key (set backend_config.api_key_env)"
+            )
+            return Unanswered(f"{said} (HTTP {status})", down=True)
+        if status >= 400:
+            return Unanswered(f"{path} answered HTTP {status}", down=status >= 500)
+        try:
             body = response.json()
-        except (httpx.HTTPError, ValueError):
-            return None
+        except ValueError:
+            body = None
         key = "models" if query.api is ServedApi.OLLAMA else "data"
         items = body.get(key) if isinstance(body, dict) else None
         if not isinstance(items, list):
-            return None
+            return Unanswered(f"{path} answered something that is not a model list", down=False)
         ids: set[str] = set()
         for item in items:
             if isinstance(item, dict):
-                for field in ("name", "model", "id"):
-                    value = item.get(field)
+                for name in ("name", "model", "id"):
+                    value = item.get(name)
                     if isinstance(value, str):
                         ids.add(value.lower())
         return frozenset(ids)
@@ -81,7 +120,8 @@ def _served_by_id_query(entry: RegistryEntry, ollama_host: str) -> ServedModelsQ
     if entry.backend == "ollama":
         return ServedModelsQuery(ServedApi.OLLAMA, backend_root(entry, ollama_host))
     if entry.backend == "external":
-        return ServedModelsQuery(ServedApi.OPENAI, openai_base_url(entry, ollama_host))
+        url = openai_base_url(entry, ollama_host)
+        return ServedModelsQuery(ServedApi.OPENAI, url, entry.backend_config.api_key_env)
     return None
 
 
@@ -94,6 +134,13 @@ def _matches(wanted: str, served: frozenset[str]) -> bool:
     return wanted in served or (":" not in wanted and f"{wanted}:latest" in served)
 
 
+@dataclass(frozen=True, slots=True)
+class InstalledReport:
+    states: dict[str, Installed]  # entry name -> installed state
+    # entry name -> why its remote is unreachable, for every UNREACHABLE entry
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
 def installed_states(
     entries: Sequence[RegistryEntry],
     base_dir: Path,
@@ -101,7 +148,18 @@ def installed_states(
     ollama_host: str,
 ) -> dict[str, Installed]:
     """Entry name -> installed state. With no `source`, backend-served entries are UNKNOWN."""
+    return installed_report(entries, base_dir, source, ollama_host).states
+
+
+def installed_report(
+    entries: Sequence[RegistryEntry],
+    base_dir: Path,
+    source: ServedModelsSource | None,
+    ollama_host: str,
+) -> InstalledReport:
+    """The installed states, and why each unreachable remote is."""
     states: dict[str, Installed] = {}
+    reasons: dict[str, str] = {}
     pending: dict[str, ServedModelsQuery] = {}
     for entry in entries:
         path = weights_path(entry, base_dir)
@@ -118,16 +176,24 @@ def installed_states(
         served = answers.get(query)
         if served is None:
             states[name] = Installed.UNKNOWN
+        elif isinstance(served, Unanswered):
+            # Only a remote is "down": Ollama entries are served through the GPU slot, which
+            # deals with Ollama itself, so an Ollama that does not answer leaves them unknown.
+            if served.down and by_name[name].backend == "external":
+                states[name] = Installed.UNREACHABLE
+                reasons[name] = served.reason
+            else:
+                states[name] = Installed.UNKNOWN
         else:
             wanted = _wanted_id(by_name[name])
             states[name] = Installed.YES if _matches(wanted, served) else Installed.NO
-    return states
+    return InstalledReport(states, reasons)
 
 
 def _ask_all(
     queries: Iterable[ServedModelsQuery], source: ServedModelsSource | None
-) -> Mapping[ServedModelsQuery, frozenset[str] | None]:
-    ordered = sorted(queries, key=lambda q: (q.api.value, q.url))
+) -> Mapping[ServedModelsQuery, frozenset[str] | Unanswered]:
+    ordered = sorted(queries, key=lambda q: (q.api.value, q.url, q.key_env or ""))
     if source is None or not ordered:
         return {}
     # One request per distinct backend, all at once, so N dead backends cost one timeout.

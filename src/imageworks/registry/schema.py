@@ -8,6 +8,7 @@ was.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +24,7 @@ from imageworks.registry.capabilities import (
 KNOWN_BACKENDS = ("vllm", "llamacpp", "ollama", "external")
 
 _ABSENT_IDS = {"", "none", "null"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _Section(BaseModel):
@@ -42,6 +44,31 @@ class BackendConfig(_Section):
     # --pooler-config); unset: the model's own.
     pooling: Literal["mean", "cls", "last"] | None = None
     extra_args: list[str] = Field(default_factory=list)  # passed raw, after ours; they win
+    # A remote that wants a key (another node running this proxy, a vLLM router): the NAME of an
+    # environment variable of the proxy's process, whose value is sent as `Authorization:
+    # Bearer <value>`. The registry holds only the name, so listings never show a key.
+    api_key_env: str | None = None
+    # This entry's own limits, over CHAT_PROXY_BACKEND_TIMEOUT_MS (a whole answer, a stream's
+    # headers), CHAT_PROXY_STREAM_IDLE_TIMEOUT_MS (silence inside a stream) and the connect
+    # timeout (the backend timeout too): a remote across a network wants other limits than a
+    # model on this box.
+    request_timeout_s: float | None = Field(default=None, gt=0)
+    stream_idle_timeout_s: float | None = Field(default=None, gt=0)
+    connect_timeout_s: float | None = Field(default=None, gt=0)
+    # How often a remote entry's health is checked, over CHAT_PROXY_INSTALLED_REFRESH_S.
+    health_check_interval_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _variable_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().removeprefix("$") or None
+            if value is not None and not _ENV_NAME.fullmatch(value):
+                raise ValueError(
+                    "must be the name of an environment variable (letters, digits and _), "
+                    "not the key itself"
+                )
+        return value
 
     @field_validator("host", "base_url", mode="before")
     @classmethod
