@@ -86,6 +86,24 @@ def test_the_demo_gguf_header(demo_models: Path) -> None:
     assert facts.embedding is False
 
 
+def test_the_header_walk_agrees_with_llama_cpps_own_reader(demo_models: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(demo_models / SMOLLM2)
+    facts = read_gguf(demo_models / SMOLLM2)
+    assert facts.parameters == sum(int(tensor.n_elements) for tensor in reader.tensors)
+    assert facts.chat_template == reader.fields["tokenizer.chat_template"].contents()
+    assert facts.name == reader.fields["general.name"].contents()
+    assert facts.context_length == reader.fields["llama.context_length"].contents()
+
+
+def test_a_truncated_gguf_is_a_value_error(tmp_path: Path, demo_models: Path) -> None:
+    path = tmp_path / "cut.gguf"
+    path.write_bytes((demo_models / SMOLLM2).read_bytes()[:4096])
+    with pytest.raises(ValueError, match="ends inside its header"):
+        read_gguf(path)
+
+
 def test_a_file_that_is_not_gguf_is_a_value_error(tmp_path: Path) -> None:
     path = tmp_path / "fake.gguf"
     path.write_bytes(b"not a gguf file at all, just bytes")

@@ -1,8 +1,9 @@
 """What a GGUF file's header says about its model (file I/O; used by `imageworks-loader discover`).
 
-The `gguf` package (llama.cpp's own reader) parses the header; it pulls in numpy, so it is
-imported here, inside `read_gguf`, and nothing the proxy imports reaches this module. The reader
-maps the file and reads only the header and tensor table, never the weights.
+Only the header and the tensor table are read, never the weights: the metadata's scalars and
+strings, with arrays (the vocabulary) skipped by seeking (see `_read_header` for why not
+`gguf.GGUFReader`). The `gguf` package (llama.cpp's) names the file types; it pulls in numpy,
+so it is imported inside `read_gguf`, and nothing the proxy imports reaches this module.
 
 - quantization: `general.file_type`, named as the gguf package names `LlamaFileType`
   (`MOSTLY_Q4_K_M` -> `q4_k_m`, `ALL_F32` -> `f32`);
@@ -18,10 +19,12 @@ maps the file and reads only the header and tensor table, never the weights.
 
 from __future__ import annotations
 
+import math
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # Encoders llama.cpp serves for embeddings; any architecture naming "embed" counts too.
 EMBEDDING_ARCHITECTURES = frozenset(
@@ -59,24 +62,11 @@ def split_parts(first: Path, count: int) -> list[Path]:
 def read_gguf(path: Path, extra_parts: tuple[Path, ...] = ()) -> GgufFacts:
     """The facts of the GGUF at `path`; `extra_parts` are a split file's later parts (their
     tensors count towards the parameters). Raises ValueError for a file that is not GGUF."""
-    import gguf
+    from gguf.constants import LlamaFileType
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, KeyError, IndexError, OverflowError) as exc:
-        raise ValueError(f"not a readable GGUF file ({exc})") from exc
-    fields: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        # Arrays (the vocabulary: tens of thousands of strings) are never needed here.
-        if field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
-            fields[key] = field.contents()
-    parameters = sum(int(tensor.n_elements) for tensor in reader.tensors)
+    fields, parameters = _read_header(path)
     for part in extra_parts:
-        try:
-            parameters += sum(int(t.n_elements) for t in gguf.GGUFReader(part).tensors)
-        except (ValueError, KeyError, IndexError, OverflowError) as exc:
-            raise ValueError(f"part {part.name} is not a readable GGUF file ({exc})") from exc
-
+        parameters += _read_header(part)[1]
     architecture = _text(fields.get("general.architecture"))
     general_type = (_text(fields.get("general.type")) or "model").lower()
     if general_type == "mmproj" or architecture == "clip":
@@ -92,13 +82,90 @@ def read_gguf(path: Path, extra_parts: tuple[Path, ...] = ()) -> GgufFacts:
         name=_text(fields.get("general.name")),
         size_label=_text(fields.get("general.size_label")),
         parameters=parameters,
-        quantization=_file_type_name(gguf.LlamaFileType, fields.get("general.file_type")),
+        quantization=_file_type_name(LlamaFileType, fields.get("general.file_type")),
         context_length=_positive(fields.get(f"{arch}.context_length")),
         chat_template=_text(fields.get(TEMPLATE_KEY)),
         embedding=f"{arch}.pooling_type" in fields
         or arch in EMBEDDING_ARCHITECTURES
         or "embed" in arch,
     )
+
+
+# GGUF value types (the gguf spec, `GGUFValueType`): struct formats of the scalars; 8 is a
+# string, 9 an array. The walk below reads scalars and strings and seeks over arrays: the
+# vocabulary alone is up to 262,144 strings, which `gguf.GGUFReader` turns into numpy arrays
+# one by one (44 s for Gemma 3's header on a 2-core machine; this walk takes well under one).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
+_SCALARS |= {10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAX_STRING = 64 * 1024 * 1024  # a chat template is KBs; beyond this the header is corrupt
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(metadata key -> value, arrays as None; the tensors' total element count)."""
+    with path.open("rb") as handle:
+        try:
+            if handle.read(4) != b"GGUF":
+                raise ValueError("not a GGUF file (no GGUF magic)")
+            (version,) = _unpack(handle, "<I")
+            if version & 0xFFFF == 0:
+                raise ValueError("a big-endian GGUF file, which is not supported")
+            if version not in (2, 3):  # the versions llama.cpp's own reader reads
+                raise ValueError(f"GGUF version {version} is not supported")
+            tensors, kv_count = _unpack(handle, "<QQ")
+            fields: dict[str, Any] = {}
+            for _ in range(kv_count):
+                key = _string(handle)
+                (value_type,) = _unpack(handle, "<I")
+                fields[key] = _value(handle, value_type)
+            parameters = 0
+            for _ in range(tensors):
+                _string(handle)  # the tensor's name
+                (dims,) = _unpack(handle, "<I")
+                shape = _unpack(handle, f"<{dims}Q") if dims else ()
+                _unpack(handle, "<IQ")  # its type and data offset
+                parameters += math.prod(shape)
+        except (struct.error, UnicodeDecodeError) as exc:
+            raise ValueError(f"not a readable GGUF file ({exc})") from exc
+    return fields, parameters
+
+
+def _unpack(handle: BinaryIO, layout: str) -> tuple[Any, ...]:
+    size = struct.calcsize(layout)
+    data = handle.read(size)
+    if len(data) != size:
+        raise ValueError("not a readable GGUF file (it ends inside its header)")
+    return struct.unpack(layout, data)
+
+
+def _string(handle: BinaryIO) -> str:
+    (length,) = _unpack(handle, "<Q")
+    if length > _MAX_STRING:
+        raise ValueError(f"not a readable GGUF file (a {length}-byte string in its header)")
+    data = handle.read(length)
+    if len(data) != length:
+        raise ValueError("not a readable GGUF file (it ends inside its header)")
+    return data.decode("utf-8")
+
+
+def _value(handle: BinaryIO, value_type: int) -> Any:
+    if value_type in _SCALARS:
+        return _unpack(handle, _SCALARS[value_type])[0]
+    if value_type == _STRING:
+        return _string(handle)
+    if value_type == _ARRAY:
+        item_type, count = _unpack(handle, "<IQ")
+        if item_type in _SCALARS:
+            handle.seek(struct.calcsize(_SCALARS[item_type]) * count, 1)
+        elif item_type == _STRING:
+            for _ in range(count):
+                (length,) = _unpack(handle, "<Q")
+                handle.seek(length, 1)
+        else:
+            for _ in range(count):
+                _value(handle, item_type)
+        return None  # never needed here: only that the key exists
+    raise ValueError(f"not a readable GGUF file (unknown value type {value_type})")
 
 
 def _file_type_name(names: Any, value: object) -> str | None:
