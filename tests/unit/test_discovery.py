@@ -85,12 +85,13 @@ def test_a_model_found_again_is_updated_in_place_keeping_other_tools_fields(
     replaced = gguf(tmp_path / "a.gguf", stem="renamed", quant="q8_0", parameters=7)
     result = run([replaced], [entry], tmp_path)
     [updated] = result.items
-    assert updated["name"] == entry["name"]  # the name is its identity for users: kept
+    assert updated["name"] == entry["name"]  # what registry tools refer to: kept
+    assert updated["display_name"] == "renamed (Q8 0)"  # what clients see: follows the model
     assert updated["quantization"] == "q8_0"
     assert updated["version_lock"] == entry["version_lock"]
     assert updated["backend_config"]["extra_args"] == ["--mlock"]
     [change] = result.updated
-    assert change.fields == ["metadata.discovered.parameters", "quantization"]
+    assert change.fields == ["display_name", "metadata.discovered.parameters", "quantization"]
 
 
 def test_a_vanished_file_is_marked_then_unmarked_when_it_returns(tmp_path: Path) -> None:
@@ -161,6 +162,8 @@ def test_other_tools_entries_are_never_changed_and_their_names_never_reused(
     assert result.items[0] == theirs
     assert result.items[1]["name"] == "tiny-llama-1b_(Q4_K_M)_[a.gguf]"
     assert result.items[1]["display_name"] == "tiny-llama-1b (Q4 K M) [a.gguf]"
+    again = run([gguf(tmp_path / "a.gguf")], result.items, tmp_path)
+    assert not again.changed  # the bracketed name stays: the plain one is still taken
 
 
 def test_a_curated_entry_of_the_same_name_pointing_elsewhere_is_not_merged_into(

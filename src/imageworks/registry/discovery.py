@@ -9,7 +9,8 @@ changed. Its rules:
   fields in `discovered_entries.OWNED`, so what other tools added (a version lock, extra_args)
   stays.
 - A model found again is its entry, matched by path or tag (never by name): updated in place,
-  keeping its name. A new one gets the name the naming rules give it; if another entry has
+  keeping its logical name (its display name follows the naming rules, so a replaced file's
+  new quantization shows). A new one gets the name the naming rules give it; if another entry has
   that name, the path or tag is added in brackets so it never merges into someone else's entry.
 - Curated wins: a model a curated entry (or another tool's entry) already points at, by weights
   path (symlinks resolved) or Ollama tag, is not added again ("curated as X"). An entry
@@ -139,7 +140,7 @@ def plan(
         if at is None:
             _add(result, thing, taken)
         else:
-            _update(result, at, thing)
+            _update(result, at, thing, taken)
 
     for key, position in own.items():
         if key in seen or position in remove or not _was_scanned(key, scanned):
@@ -172,10 +173,15 @@ def _add(result: Plan, thing: Found, taken: set[str]) -> None:
     result.added.append(_change(entry, thing.source, thing.key))
 
 
-def _update(result: Plan, position: int, thing: Found) -> None:
+def _update(result: Plan, position: int, thing: Found, taken: set[str]) -> None:
     old = result.items[position]
-    # The display name was chosen when it was added, like the name: it is kept.
-    new = _apply(old, {**thing.fields, "display_name": old.get("display_name")})
+    # The logical name stays (registry tools refer to it); the display name, the id clients
+    # see, follows the model (a replaced file's new quantization), unless it would then be
+    # another entry's name.
+    display = simplified_display(thing.stem, thing.parameter_size, thing.fields.get("quantization"))
+    if logical_slug(display) in taken - {_name(old)}:
+        display = old.get("display_name") or display
+    new = _apply(old, {**thing.fields, "display_name": display})
     change = _change(new, thing.source, thing.key)
     marker = old["metadata"]["discovered"]
     if marker.get("missing"):
