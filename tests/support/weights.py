@@ -46,3 +46,32 @@ def hf_folder(
             json.dumps({"image_processor_type": "Qwen2VLImageProcessor", "image_mean": [0.5]})
         )
     return path
+
+
+def write_gguf(
+    path: Path,
+    arch: str,
+    *,
+    shapes: tuple[tuple[int, ...], ...] = ((4, 8), (8,)),
+    split_max_tensors: int = 0,
+    **metadata: str | int,
+) -> Path:
+    """A small real GGUF written by llama.cpp's own gguf writer (split into one tensor a file
+    with `split_max_tensors=1`: `-00001-of-0000N.gguf`, as gguf-split names them)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    for key, value in metadata.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_uint32(key, value)
+    for number, shape in enumerate(shapes):
+        writer.add_tensor(f"t{number}.weight", np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -10,7 +10,7 @@ import pytest
 from imageworks.registry.gguf_info import read_gguf, split_part, split_parts
 from imageworks.registry.hf_folder import read_hf_folder, safetensors_parameters
 from imageworks.registry.weights_scan import scan_weights
-from support.weights import SMOLLM2, hf_folder, write_safetensors
+from support.weights import SMOLLM2, hf_folder, write_gguf, write_safetensors
 
 
 def test_safetensors_parameters_are_read_from_the_header_alone(tmp_path: Path) -> None:
@@ -139,3 +139,47 @@ def test_scan_finds_folders_and_ggufs_follows_links_once_and_skips_the_rest(
     assert any("broken.gguf" in w for w in scan.warnings)
     assert any("without part-00002-of-00002.gguf" in w for w in scan.warnings)
     assert not any("hidden" in w for w in scan.warnings)
+
+
+def test_an_embedding_gguf_gets_the_embedding_role(tmp_path: Path) -> None:
+    root = tmp_path / "weights"
+    root.mkdir()
+    write_gguf(
+        root / "nomic-embed-text-v1.5.f32.gguf", "nomic-bert", **{"nomic-bert.pooling_type": 1}
+    )
+    [found] = scan_weights(root).found
+    assert found.fields["roles"] == ["embedding"]
+    assert found.fields["capabilities"] == {"embedding": True, "text": False}
+    assert found.fields["quantization"] == "f32"
+    assert found.notes == ()  # an embedding model needs no chat template
+
+
+def test_a_split_gguf_is_one_model_counting_every_part(tmp_path: Path) -> None:
+    root = tmp_path / "weights"
+    root.mkdir()
+    write_gguf(root / "big.gguf", "llama", split_max_tensors=1)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "big-00001-of-00002.gguf",
+        "big-00002-of-00002.gguf",
+    ]
+    [found] = scan_weights(root).found
+    assert found.key.endswith("big-00001-of-00002.gguf")
+    assert found.stem == "big"
+    assert found.fields["metadata"]["discovered"]["parameters"] == 4 * 8 + 8
+
+
+def test_projectors_and_adapters_are_not_models(tmp_path: Path) -> None:
+    root = tmp_path / "weights"
+    root.mkdir()
+    write_gguf(root / "vision-encoder.gguf", "clip", **{"general.type": "mmproj"})
+    write_gguf(root / "lora.gguf", "llama", **{"general.type": "adapter"})
+    scan = scan_weights(root)
+    assert scan.found == []
+    assert scan.warnings == []
+
+
+def test_a_sentence_transformers_folder_is_an_embedding_model(tmp_path: Path) -> None:
+    folder = hf_folder(tmp_path / "bge-small", {"architectures": ["BertModel"]}, template=False)
+    (folder / "modules.json").write_text("[]")
+    facts = read_hf_folder(folder)
+    assert facts.embedding is True
