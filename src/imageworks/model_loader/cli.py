@@ -112,11 +112,14 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument(
         "--weights-dir",
         type=Path,
+        metavar="DIR",
         help="directory to scan for GGUF files and Hugging Face folders "
         "(default: $IMAGEWORKS_WEIGHTS_DIR; neither: not scanned)",
     )
     ollama = discover.add_mutually_exclusive_group()
-    ollama.add_argument("--ollama-host", help="Ollama to ask (default: $IMAGEWORKS_OLLAMA_HOST)")
+    ollama.add_argument(
+        "--ollama-host", metavar="URL", help="Ollama to ask (default: $IMAGEWORKS_OLLAMA_HOST)"
+    )
     ollama.add_argument("--no-ollama", action="store_true", help="do not ask Ollama")
     discover.add_argument(
         "--dry-run", action="store_true", help="print what would change; write nothing"
