@@ -1,7 +1,8 @@
 """A fake Ollama server with real load/unload state, for the proxy's GPU-coordination tests.
 
 `FakeOllama` runs uvicorn on 127.0.0.1 in a background thread with its own event loop and
-speaks enough of Ollama's HTTP API: `/api/version`, `/api/tags` (installed models), `/api/ps`
+speaks enough of Ollama's HTTP API: `/api/version`, `/api/tags` (installed models), `/api/show`
+(one model's details and capabilities), `/api/ps`
 (loaded models), `/api/generate` (preload, generate, or unload with `keep_alive: 0` and no
 prompt), `/api/chat` (NDJSON stream unless `"stream": false`, tool calls with object
 arguments, images recorded) and the OpenAI-compatible `/v1/models` and `/v1/chat/completions`.
@@ -72,6 +73,39 @@ def _model_info(name: str) -> JSON:
     details |= {"parent_model": "", "parameter_size": "8B", "quantization_level": "Q4_K_M"}
     digest = hashlib.sha256(name.encode()).hexdigest()
     return {"name": name, "model": name, "size": MODEL_SIZE, "digest": digest, "details": details}
+
+
+# What real Ollama's /api/show lists under `capabilities` (it derives them from the model's
+# template, projector and architecture): qwen3 has tools and thinking, llava vision, and an
+# embedding model only "embedding". Other families here are plain completion models.
+_CAPABILITIES = {
+    "qwen3": ["completion", "tools", "thinking"],
+    "llava": ["completion", "vision"],
+}
+CONTEXT_LENGTH = 32768
+PARAMETER_COUNT = 8_030_261_248
+
+
+def _show(name: str) -> JSON:
+    """Real Ollama's /api/show answer, the parts a client reads: details, model_info (GGUF
+    header keys: the architecture, its parameter count and context length) and capabilities."""
+    info = _model_info(name)
+    family = info["details"]["family"]
+    capabilities = ["embedding"] if "embed" in family else _CAPABILITIES.get(family, ["completion"])
+    model_info = {
+        "general.architecture": family,
+        "general.parameter_count": PARAMETER_COUNT,
+        f"{family}.context_length": CONTEXT_LENGTH,
+    }
+    return {
+        "modelfile": f"FROM {name}\n",
+        "parameters": "",
+        "template": "{{ .Prompt }}",
+        "details": info["details"],
+        "model_info": model_info,
+        "capabilities": capabilities,
+        "modified_at": _now(),
+    }
 
 
 def _ndjson(objects: Iterable[JSON]) -> StreamingResponse:
@@ -260,6 +294,12 @@ class FakeOllama:
                 for n in self.installed
             ]
             return JSONResponse({"object": "list", "data": data})
+        if method == "POST" and path == "/api/show":
+            # Ollama takes `model` (older clients send `name`); an unknown one is a 404.
+            wanted = body.get("model") or body.get("name") if isinstance(body, dict) else None
+            if not isinstance(wanted, str) or tag(wanted) not in self.installed:
+                return JSONResponse({"error": f"model '{wanted}' not found"}, 404)
+            return JSONResponse(_show(tag(wanted)))
         if method != "POST" or path not in ("/api/generate", "/api/chat", "/v1/chat/completions"):
             return PlainTextResponse("404 page not found", 404)
         openai = path.startswith("/v1/")

@@ -7,12 +7,15 @@
     imageworks-loader unlock NAME [--json]
     imageworks-loader activate-model NAME | --stop [--json]
     imageworks-loader current-model [--json]
+    imageworks-loader discover [--weights-dir DIR] [--ollama-host URL | --no-ollama]
+                               [--dry-run] [--json]
 
 Output is text for people. With `--json` stdout holds exactly one JSON document instead, and
 nothing else. `current-model --json` prints the state file's record, or `null` when no model is
 active; while a proxy runs, its `/v1/admin/status` answer with `"proxy": URL` added.
 `activate-model --json` prints the same shapes after the change (`--stop`: the record stopped,
-or `null`).
+or `null`). `discover --json` prints what it added, updated, marked missing and left to curated
+entries, with its warnings (see model_loader/discover_command.py).
 
 A failure is one line on stderr, `imageworks-loader: error: <problem>; <what to do>`, and exit
 status 1 (2 for bad usage). Nothing is printed on stdout then, with `--json` too: scripts test the
@@ -33,7 +36,7 @@ from pydantic import ValidationError
 
 from imageworks.backends.state import StateLockTimeout
 from imageworks.config import RegistrySettings
-from imageworks.model_loader import model_commands, registry_commands
+from imageworks.model_loader import discover_command, model_commands, registry_commands
 from imageworks.model_loader.activation import STATE_FIX
 from imageworks.model_loader.context import Context
 from imageworks.model_loader.errors import PROG, ActivationError, LoaderError
@@ -101,6 +104,26 @@ def _parser() -> argparse.ArgumentParser:
         "print the state file's record, or null when no model is active; through a running "
         'proxy, its /v1/admin/status with "proxy": URL',
     )
+    discover = command(
+        "discover",
+        "record the models on this machine (a weights directory, Ollama) in the discovered layer",
+        "print one JSON document: what was added, updated, marked missing, and warnings",
+    )
+    discover.add_argument(
+        "--weights-dir",
+        type=Path,
+        metavar="DIR",
+        help="directory to scan for GGUF files and Hugging Face folders "
+        "(default: $IMAGEWORKS_WEIGHTS_DIR; neither: not scanned)",
+    )
+    ollama = discover.add_mutually_exclusive_group()
+    ollama.add_argument(
+        "--ollama-host", metavar="URL", help="Ollama to ask (default: $IMAGEWORKS_OLLAMA_HOST)"
+    )
+    ollama.add_argument("--no-ollama", action="store_true", help="do not ask Ollama")
+    discover.add_argument(
+        "--dry-run", action="store_true", help="print what would change; write nothing"
+    )
     return parser
 
 
@@ -109,10 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _registry_settings()
         store = RegistryStore(args.registry_dir or settings.registry_dir)
-        snapshot = _load(store)
+        snapshot = _load(store, fresh_ok=args.command == "discover")
         for warning in snapshot.warnings:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
-        _refresh_merged_file(store)
+        if not getattr(args, "dry_run", False):  # a dry run leaves every file as it was
+            _refresh_merged_file(store)
         _COMMANDS[args.command](Context(args, store, snapshot, settings, sys.stdout))
     except (LoaderError, RegistryError, OSError) as exc:  # StateLockTimeout is an OSError
         failure = _explain(exc)
@@ -159,11 +183,15 @@ def _registry_settings() -> RegistrySettings:
         ) from exc
 
 
-def _load(store: RegistryStore) -> RegistrySnapshot:
+def _load(store: RegistryStore, *, fresh_ok: bool = False) -> RegistrySnapshot:
+    """The registry; with `fresh_ok`, a directory without registry files is an empty one
+    (discover starts a registry there)."""
+    files = (store.curated_path, store.discovered_path, store.merged_path)
+    if fresh_ok and store.directory.is_dir() and not any(path.exists() for path in files):
+        return RegistrySnapshot(store.directory, layered=True, entries=(), raw={}, sources={})
     try:
         return store.load()
     except RegistryError as exc:
-        files = (store.curated_path, store.discovered_path, store.merged_path)
         if any(path.exists() for path in files):
             raise LoaderError(str(exc), "correct that file, then retry") from exc
         where = "point --registry-dir or IMAGEWORKS_REGISTRY_DIR at the registry directory"
@@ -186,6 +214,7 @@ _COMMANDS: dict[str, Callable[[Context], None]] = {
     "unlock": registry_commands.unlock,
     "activate-model": model_commands.activate_model,
     "current-model": model_commands.current_model,
+    "discover": discover_command.discover,
 }
 
 

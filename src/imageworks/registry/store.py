@@ -5,15 +5,16 @@
     <dir>/model_registry.json              the merged view, regenerated from the two layers
 
 A directory with only `model_registry.json` is a single-file registry: it is read as it is and
-tools write to it directly. Loading never writes anything; `refresh_merged_file` and
-`update_entry` are the only writers, and both work under one inter-process lock.
+tools write to it directly. Loading never writes anything; `refresh_merged_file`, `update_entry`
+and `rewrite_discovered` (discovery's) are the only writers, all under one inter-process lock.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,45 @@ class RegistryStore:
                 layers[target] = index_by_name(items, str(target), [])
                 self._write_merged(self._build(layers, []))
             return entry
+
+    def rewrite_discovered(
+        self,
+        rewrite: Callable[[Mapping[str, RawEntry], list[Any]], list[Any]],
+        *,
+        dry_run: bool = False,
+    ) -> bool:
+        """Replace the discovered layer's items with `rewrite(curated, items)`, atomically and
+        under the lock, then refresh the merged file. True if the file changed (with `dry_run`:
+        would change; nothing is written then).
+
+        A single-file registry is rewritten in place (its entries are the "other tools'" ones
+        then, and there is no curated layer); a directory with no registry file yet gets a
+        discovered layer. Every entry the rewrite changed must still be valid, merged under its
+        curated entry, else nothing is written. Unchanged content is never rewritten: the file
+        keeps its bytes and its modification time."""
+        with exclusive_lock(self.lock_path):
+            layered = self.is_layered() or not self.merged_path.exists()
+            layers = self._read_layers([]) if self.is_layered() or not layered else {}
+            target = self.discovered_path if layered else self.merged_path
+            curated = layers.get(self.curated_path, {})
+            items = read_json_list(target) if target.exists() else []
+            before = index_by_name(items, str(target), [])
+            rewritten = rewrite(curated, copy.deepcopy(items))
+            for name, item in index_by_name(rewritten, str(target), []).items():
+                if before.get(name) != item:
+                    top = {name: curated[name]} if name in curated else {}
+                    _validate(merge_layers(top, {name: item})[name], name, target)
+            text = dump_json(rewritten)
+            current = target.read_text(encoding="utf-8") if target.exists() else None
+            if text == current or (current is None and not rewritten):
+                return False
+            if dry_run:
+                return True
+            write_atomic(target, text)
+            if layered:
+                layers[target] = index_by_name(rewritten, str(target), [])
+                self._write_merged(self._build(layers, []))
+            return True
 
     def _refuse_shadowed(self, name: str, patch: Mapping[str, Any], merged: RawEntry) -> None:
         for path, value in leaves(patch):
