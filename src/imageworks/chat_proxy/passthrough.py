@@ -32,7 +32,7 @@ from imageworks.chat_proxy.endpoint_requests import (
 )
 from imageworks.chat_proxy.exchange import Exchange, usage_of
 from imageworks.chat_proxy.forwarding import Completion, Forwarder, UpstreamStream
-from imageworks.chat_proxy.normalize.request import _SAMPLING_FIELDS as SAMPLING_FIELDS
+from imageworks.chat_proxy.normalize.request import SAMPLING_FIELDS
 from imageworks.chat_proxy.normalize.response import ModelRenamer
 from imageworks.chat_proxy.normalize.stream import backend_error, finishes_a_choice
 from imageworks.chat_proxy.protocol import (

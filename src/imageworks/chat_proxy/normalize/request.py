@@ -24,7 +24,7 @@ from imageworks.chat_proxy.requests import ChatCompletionRequest, SystemMessage,
 from imageworks.registry.schema import RegistryEntry
 
 # Registry field -> request field (OpenAI names; top_k/min_tokens are vLLM/llama.cpp extensions).
-_SAMPLING_FIELDS = {
+SAMPLING_FIELDS = {
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
@@ -43,7 +43,7 @@ def apply_entry_defaults(
     Returns `request` itself when there is nothing to add (the common, cheap case)."""
     defaults = entry.generation_defaults
     additions: dict[str, Any] = {}
-    for source, target in _SAMPLING_FIELDS.items():
+    for source, target in SAMPLING_FIELDS.items():
         value = getattr(defaults, source)
         # `max_completion_tokens` is the newer spelling of the same limit.
         already = request.value(target) is not None or (
