@@ -15,6 +15,7 @@ from imageworks.backends.slot import Phase
 from imageworks.backends.slot_report import SlotView
 from imageworks.chat_proxy.catalog import Catalog
 from imageworks.chat_proxy.config import ProxySettings
+from imageworks.chat_proxy.model_router import status_events
 from imageworks.chat_proxy.model_status import StatusRules, entry_status, holder_name
 from imageworks.registry.installed import Installed
 from imageworks.registry.schema import RegistryEntry
@@ -180,3 +181,33 @@ async def test_listing_shows_a_failed_start(catalog: tuple[Catalog, SlotStub]) -
     stub.current = SlotView(1, failures=MappingProxyType({"gamma": "gamma: weights missing"}))
     status = statuses((await built.view()).listing)["gamma"]
     assert status == {"value": "unloaded", "failed": True, "error": "gamma: weights missing"}
+
+
+# -- the event stream's events --------------------------------------------------------------------
+
+
+def events(raw: list[bytes]) -> list[dict[str, Any]]:
+    assert all(event.startswith(b"data: ") and event.endswith(b"\n\n") for event in raw)
+    return [json.loads(event[6:]) for event in raw]
+
+
+async def test_events_start_with_every_model_then_only_what_changed(
+    catalog: tuple[Catalog, SlotStub],
+) -> None:
+    built, stub = catalog
+    sent: dict[str, bytes] = {}
+    first = events(list(status_events(sent, await built.view())))
+    assert [(e["model"], e["event"], e["data"]) for e in first] == [
+        (name, "status_change", {"status": "unloaded"}) for name in ("alpha", "beta", "gamma")
+    ]
+    assert list(status_events(sent, await built.view())) == []  # nothing changed
+    stub.current = SlotView(1, "beta", Phase.STARTING, "spawning")
+    [loading] = events(list(status_events(sent, await built.view())))
+    assert loading == {
+        "model": "beta",
+        "event": "status_change",
+        "data": {"status": "loading", "step": "spawning", "progress": {"current": "spawning"}},
+    }
+    stub.current = SlotView(2, failures=MappingProxyType({"beta": "beta: exited with 3"}))
+    [failed] = events(list(status_events(sent, await built.view())))
+    assert failed["data"] == {"status": "unloaded", "failed": True, "error": "beta: exited with 3"}

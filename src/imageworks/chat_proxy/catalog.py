@@ -84,9 +84,10 @@ class CatalogView:
 Overlay = tuple[tuple[int, bytes], ...]  # (listed model's index, its status bytes)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Shown:
-    """The view last served with the slot's state, and what it was made from."""
+    """The view last served with the slot's state, and what it was made from (updated in
+    place when a slot change leaves every status as it was)."""
 
     base: CatalogView
     slot_version: int
@@ -145,7 +146,7 @@ class Catalog:
             return shown.view
         overlay = _overlay(base, slot, self._rules)
         if shown is not None and shown.base is base and shown.overlay == overlay:
-            self._shown = dataclasses.replace(shown, slot_version=slot.version)
+            shown.slot_version = slot.version
             return shown.view
         view = _compose(base, overlay)
         self._shown = _Shown(base, slot.version, overlay, view)
