@@ -311,3 +311,24 @@ def test_router_failed_start_is_a_503_and_shows_failed(tmp_path: Path, demo_mode
         assert failed[-1]["status"] == "unloaded"
         assert failed[-1]["error"] == status["error"]
     assert processes_listening_on(ws.model_port) == []
+
+
+def test_router_paths_need_an_api_key_as_v1_does(tmp_path: Path, demo_models: Path) -> None:
+    make_demo_workspace(tmp_path, demo_models)
+    ws = Workspace(tmp_path, extra_env={"CHAT_PROXY_API_KEYS": "user-key"})
+    with ws.serving() as running:
+        for path in ("/models", "/v1/models", "/models/sse"):
+            refused = httpx.get(running.url + path, timeout=10)
+            assert refused.status_code == 401, path
+            assert refused.json()["error"]["code"] == "invalid_api_key"
+        for path in ("/models/load", "/models/unload"):
+            refused = post(running.url, path, {"model": SMOL})
+            assert refused.status_code == 401, path
+        key = {"Authorization": "Bearer user-key"}
+        listed = httpx.get(f"{running.url}/models", headers=key, timeout=10)
+        assert listed.status_code == 200
+        assert {item["status"]["value"] for item in listed.json()["data"]} == {"unloaded"}
+        unload = post(running.url, "/models/unload", {"model": SMOL}, **key)
+        assert unload.status_code == 400  # admitted: the user key suffices, it is not admin
+        assert unload.json()["error"]["message"] == "model is not running"
+    assert processes_listening_on(ws.model_port) == []
