@@ -175,7 +175,11 @@ def test_router_chat_after_load_answers_whole_and_streamed(proxy: RunningProxy) 
     chunks = [json.loads(d) for d in data[:-1]]
     assert any(c["choices"][0]["delta"].get("content") for c in chunks if c["choices"])
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    assert proxy.health()["slot"]["pid"] == pids_before  # the loaded process served both
+    # llama-server also answers without `/v1`, for clients that append the path to the base.
+    bare = post(proxy.url, "/chat/completions", {**payload, "stream": False})
+    assert bare.status_code == 200
+    assert bare.json()["choices"][0]["message"]["content"]
+    assert proxy.health()["slot"]["pid"] == pids_before  # the loaded process served them all
 
 
 def test_router_load_of_another_model_swaps_one_process_for_the_other(

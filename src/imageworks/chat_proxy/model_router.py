@@ -10,6 +10,8 @@ unload models through the GPU slot:
                           holds it; {"success": true} once it is stopped
     GET  /models/sse      server-sent events, one per status change, starting with every
                           model's current status
+    POST /chat/completions  the chat completion, as llama-server also serves it without `/v1`
+                          (for a client that appends the path to the base URL as it is)
 
 The answers follow llama.cpp's `tools/server/server-models.cpp`: `{"success": true}`; an
 unknown model is a 404, unloading a model that is not running a 400 "model is not running".
@@ -49,6 +51,7 @@ from imageworks.chat_proxy.protocol import (
     json_shape_problem,
     parse_json,
 )
+from imageworks.chat_proxy.routes import ChatEndpoint
 from imageworks.chat_proxy.services import Services
 from imageworks.chat_proxy.sse import Reply, TaskResponse
 
@@ -196,4 +199,5 @@ ROUTER_ROUTES: list[BaseRoute] = [
     Route("/models/load", load_model, methods=["POST"], include_in_schema=False),
     Route("/models/unload", unload_model, methods=["POST"], include_in_schema=False),
     Route("/models/sse", models_sse, methods=["GET"], include_in_schema=False),
+    Route("/chat/completions", ChatEndpoint(), methods=["POST"], include_in_schema=False),
 ]
