@@ -72,7 +72,7 @@ def ids(proxy: ProxyServer) -> list[str]:
     body = httpx.get(f"{proxy.url}/v1/models").json()
     assert body["object"] == "list"
     for item in body["data"]:
-        assert set(item) == {"id", "object", "created", "owned_by", "extensions"}
+        assert set(item) == {"id", "object", "created", "owned_by", "extensions", "status"}
         assert item["object"] == "model"
         assert isinstance(item["created"], int)
     return [item["id"] for item in body["data"]]

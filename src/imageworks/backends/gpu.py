@@ -53,7 +53,7 @@ from imageworks.backends.slot import (
     decide,
     next_deadline,
 )
-from imageworks.backends.slot_report import SlotReport
+from imageworks.backends.slot_report import SlotReport, SlotView
 
 log = logging.getLogger("imageworks.backends.gpu")
 
@@ -102,6 +102,45 @@ class SlotEffects(Protocol[K_in, P_in, H]):
     async def stop(self, holder: H) -> None:
         """Stop the holder; raise if it is still running afterwards."""
         ...
+
+
+class SlotChanges:
+    """Latest-state change notification: the owner task calls `changed()` after every message
+    it applies, and that never waits on anyone. A reader remembers the version it has seen and
+    `wait`s for a newer one; a slow reader skips intermediate states, it never slows the slot.
+
+    Each change sets the event readers wait on and swaps in a fresh one, so a reader waking up
+    re-reads the version and goes back to sleep on the new event if it has nothing newer."""
+
+    def __init__(self) -> None:
+        self._version = 0
+        self._event = asyncio.Event()
+        self._closed = False
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def closed(self) -> bool:
+        """The slot's owner has ended (the proxy stopped): nothing will change any more."""
+        return self._closed
+
+    def changed(self) -> None:
+        self._version += 1
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.changed()
+
+    async def wait(self, seen: int) -> int:
+        """The version once it differs from `seen` (at once if it already does), or once the
+        slot is closed."""
+        while self._version == seen and not self._closed:
+            await self._event.wait()
+        return self._version
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +193,8 @@ class GpuSlot(Generic[K, P, H]):
         self._last_swap_s: float | None = None
         self._owner: asyncio.Task[None] | None = None
         self._report = SlotReport()
+        self.changes = SlotChanges()
+        self._view: SlotView | None = None
 
     # -- the front door -----------------------------------------------------------------------
 
@@ -254,6 +295,14 @@ class GpuSlot(Generic[K, P, H]):
     def status(self) -> dict[str, object]:
         return self._report.status(self._state)
 
+    def view(self) -> SlotView:
+        """Who holds the slot and in what phase, and which models last failed: made once per
+        change (`changes.version`), so reading it on every listing costs a comparison."""
+        version = self.changes.version
+        if self._view is None or self._view.version != version:
+            self._view = self._report.view(self._state, version)
+        return self._view
+
     # -- the owner ------------------------------------------------------------------------------
 
     def _post(
@@ -274,6 +323,8 @@ class GpuSlot(Generic[K, P, H]):
                 self._receive(message, reply, loop.time())
             except Exception:  # a bug here must not strand every later request
                 log.exception("GPU slot: applying %r failed", message)
+            self.changes.changed()
+        self.changes.close()
         for reply in self._waiting.values():
             if not reply.done():
                 reply.set_exception(BackendNotReady("the proxy is shutting down"))
@@ -357,7 +408,7 @@ class GpuSlot(Generic[K, P, H]):
                         del self._cut_short[old]
                 self._spawn(generation, self._stop(generation, holder))
             case Note(event, key, detail):
-                self._report.noted(event, str(key))
+                self._report.noted(event, str(key), detail)
                 log.info("GPU slot: %s %s%s", event, key, f": {detail}" if detail else "")
 
     def _spawn(self, generation: int, work: Any) -> None:

@@ -1,6 +1,7 @@
 """What people see of the GPU slot (`GpuSlot.status()`): its state in words, and the wall-clock
 story the pure state does not keep: since when the phase and the holder are what they are, the
-step a start has reached, the last swaps, when the last error arose, and every start and stop.
+step a start has reached, the last swaps, when the last error arose, and every start and stop;
+and, for the models' status (`SlotView`), why each model's last start failed.
 
 Written only by the slot's owner task, after each message it applies; read by anyone.
 """
@@ -9,11 +10,26 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from imageworks.backends.slot import Phase, SlotState
 
 _HISTORY = 200
 _SWAPS_KEPT = 10
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    """The slot as the models' status needs it: small, made once per change of the slot."""
+
+    version: int = 0  # the slot's `changes.version` this was made at
+    holder: str | None = None  # the model being started, serving, stopped, or stuck
+    phase: Phase | None = None
+    step: str | None = None  # how far a start has got ("spawning", "waiting for health")
+    # model -> why its last start (or stop) failed; forgotten once it is ready (or stopped)
+    failures: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class SlotReport:
@@ -25,12 +41,22 @@ class SlotReport:
         self._start_step: str | None = None
         self._swaps: deque[tuple[float, str, float]] = deque(maxlen=_SWAPS_KEPT)
         self._error: tuple[float, str] | None = None  # (when, model) of state.last_error
+        # model -> (why, which effect failed: "start" or "stop"), for the models' status
+        self._failures: dict[str, tuple[str, str]] = {}
 
     # -- written by the owner task ----------------------------------------------------------------
 
-    def noted(self, event: str, model: str) -> None:
+    def noted(self, event: str, model: str, detail: str = "") -> None:
         """A start or stop happened (the slot's Note effect)."""
         self._history.append((time.time(), event, model))
+        if event == "failed":
+            self._failures[model] = (detail or "the start failed", "start")
+        elif event == "stop failed":
+            self._failures[model] = (f"could not stop it: {detail}", "stop")
+        elif event == "ready":
+            self._failures.pop(model, None)
+        elif event == "stopped" and self._failures.get(model, ("", ""))[1] == "stop":
+            self._failures.pop(model, None)  # a later stop did what the failed one could not
 
     def start_step(self, state: SlotState, generation: int, step: str) -> None:
         """The start of `generation` has reached `step` (ignored once it is not current)."""
@@ -60,6 +86,14 @@ class SlotReport:
             self._error = (time.time(), model)
 
     # -- read ------------------------------------------------------------------------------------
+
+    def view(self, state: SlotState, version: int) -> SlotView:
+        current = state.current
+        failures = MappingProxyType({model: why for model, (why, _) in self._failures.items()})
+        if current is None:
+            return SlotView(version, failures=failures)
+        step = self._start_step if current.phase is Phase.STARTING else None
+        return SlotView(version, str(current.key), current.phase, step, failures)
 
     def status(self, state: SlotState) -> dict[str, object]:
         current = state.current

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import socket
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
 from imageworks.chat_proxy.dashboard import dashboard_routes
 from imageworks.chat_proxy.guard import AccessGuard, startup_warnings
+from imageworks.chat_proxy.model_router import ROUTER_ROUTES
 from imageworks.chat_proxy.openapi import openapi_document
 from imageworks.chat_proxy.protocol import InternalError, ProxyError, error_body, json_bytes
 from imageworks.chat_proxy.restart import RestartControl, SocketHandover, listening_socket
@@ -46,8 +48,12 @@ def create_app(settings: ProxySettings, registry: RegistrySettings | None = None
             app.state.services = services
             yield
 
-    app = Starlette(routes=[*API_ROUTES, *SCRAPE_ROUTES, *dashboard_routes()], lifespan=lifespan)
+    routes = [*API_ROUTES, *ROUTER_ROUTES, *SCRAPE_ROUTES, *dashboard_routes()]
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.version = VERSION
+    # Set when the server begins to stop: long-lived streams (`/models/sse`) end then, so
+    # they never hold up a shutdown or a restart.
+    app.state.closing = asyncio.Event()
     app.state.restart = RestartControl(settings.restart_mode)
     # Written out (openapi.py): the chat route reads its body itself, so no generator sees it.
     app.state.openapi = json_bytes(openapi_document(VERSION))
@@ -213,6 +219,7 @@ def _begin_shutdown(app: Starlette, handover: SocketHandover, server: _Server) -
     the graceful shutdown until they time out; a restart serves them (they were accepted). Only
     a restart by exec keeps the listening socket: otherwise nobody would answer the connections
     that queue on it, so new ones are refused from now on."""
+    app.state.closing.set()
     restart: RestartControl = app.state.restart
     restarting = restart.requested and not server.signalled
     if not (restarting and restart.mode == "exec"):

@@ -7,6 +7,11 @@ For a remote entry that ask is its health check (at the entry's own `health_chec
 if it sets one): while it fails the entry is "unreachable", still listed, and `outage()` says
 since when and why, so its requests are refused at once.
 
+Every listed model carries its `status` (model_status.py: is it warm?). The listing is made of
+bytes prepared per model, each with the status it has while the slot is idle; when the slot
+changes, only the models it concerns (its holder, the models whose start failed) are written
+again, and the listing is joined anew only if one of them now reads differently.
+
 A model's `created` is the entry's `downloaded_at` (an ISO 8601 time or Unix seconds, at the top
 of the entry as the original registry writes it, or in `metadata`), else the modification time
 of the registry file that defines the entry (the newer one when both layers do).
@@ -15,16 +20,19 @@ of the registry file that defines the entry (the newer one when both layers do).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from imageworks.backends.base import Outage
+from imageworks.backends.slot_report import SlotView
 from imageworks.chat_proxy.config import ProxySettings
+from imageworks.chat_proxy.model_status import IDLE, StatusRules, entry_status, holder_name
 from imageworks.chat_proxy.protocol import InvalidRequest, ModelNotFound, json_bytes
 from imageworks.registry.errors import AmbiguousName, EntryNotFound, RegistryError
 from imageworks.registry.installed import (
@@ -48,6 +56,8 @@ _MIN_CHECK_INTERVAL_S = 0.1
 # it is a curated pointer at a server that is down for now, and hiding it would make clients
 # drop the model they had selected; it is listed with its state, and its requests fail fast.
 _ALWAYS_LISTED = frozenset({Installed.YES, Installed.UNREACHABLE})
+_LISTING_HEAD = b'{"object":"list","data":['
+_LISTING_TAIL = b"]}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,27 @@ class CatalogView:
     ids: Mapping[str, str]  # entry name -> its listed id
     installed: Mapping[str, Installed]  # entry name -> installed?, for every served entry
     file_times: Mapping[Path, int]  # the registry files' modification times, for `created`
+    # The listed models in order: their entries, ids, bodies without `status` (a JSON object's
+    # bytes), and their `status` bytes (with the slot idle in a view just built).
+    listed_entries: tuple[RegistryEntry, ...] = ()
+    listed_ids: tuple[str, ...] = ()
+    bare: tuple[bytes, ...] = ()
+    statuses: tuple[bytes, ...] = ()
+    by_holder: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+
+Overlay = tuple[tuple[int, bytes], ...]  # (listed model's index, its status bytes)
+
+
+@dataclass(slots=True)
+class _Shown:
+    """The view last served with the slot's state, and what it was made from (updated in
+    place when a slot change leaves every status as it was)."""
+
+    base: CatalogView
+    slot_version: int
+    overlay: Overlay
+    view: CatalogView
 
 
 class Catalog:
@@ -83,16 +114,43 @@ class Catalog:
         self._view: CatalogView | None = None
         self._checked_at = float("-inf")
         self._refresh_lock = asyncio.Lock()
+        self._rules = StatusRules(settings.vllm_single_port, ollama_host, settings.loopback_alias)
+        self._slot: Callable[[], SlotView] = lambda: IDLE
+        self._shown: _Shown | None = None
+
+    def watch_slot(self, slot_view: Callable[[], SlotView]) -> None:
+        """Show the models' status from this slot (`GpuSlot.view`); until then it is idle."""
+        self._slot = slot_view
+        self._shown = None
+
+    @property
+    def status_rules(self) -> StatusRules:
+        return self._rules
 
     async def view(self) -> CatalogView:
-        """The current view; the registry is re-checked (in a thread) at most once a second."""
-        if self._view is not None and time.monotonic() - self._checked_at < RECHECK_INTERVAL_S:
-            return self._view
-        async with self._refresh_lock:
-            if self._view is None or time.monotonic() - self._checked_at >= RECHECK_INTERVAL_S:
-                self._view = await asyncio.to_thread(self._build_view, self._view)
-                self._checked_at = time.monotonic()
-        return self._view
+        """The current view, its listing showing the slot as it is now; the registry is
+        re-checked (in a thread) at most once a second."""
+        if self._view is None or time.monotonic() - self._checked_at >= RECHECK_INTERVAL_S:
+            async with self._refresh_lock:
+                if self._view is None or time.monotonic() - self._checked_at >= RECHECK_INTERVAL_S:
+                    self._view = await asyncio.to_thread(self._build_view, self._view)
+                    self._checked_at = time.monotonic()
+        return self._with_status(self._view)
+
+    def _with_status(self, base: CatalogView) -> CatalogView:
+        """`base` with each model's status as the slot has it now; a comparison when neither
+        the registry nor the slot changed since the last call."""
+        slot = self._slot()
+        shown = self._shown
+        if shown is not None and shown.base is base and shown.slot_version == slot.version:
+            return shown.view
+        overlay = _overlay(base, slot, self._rules)
+        if shown is not None and shown.base is base and shown.overlay == overlay:
+            shown.slot_version = slot.version
+            return shown.view
+        view = _compose(base, overlay)
+        self._shown = _Shown(base, slot.version, overlay, view)
+        return view
 
     async def reload(self) -> CatalogView:
         """Re-read the registry now (edits are also noticed within a second by themselves). An
@@ -226,17 +284,45 @@ class Catalog:
             # Nothing the listing says has changed: rebuilding it for 500 entries would cost
             # ~10 ms of CPU a second, the GIL held all the while the event loop waits for it.
             return previous
+        listed = [
+            entry
+            for entry in index.entries
+            if self._settings.include_non_installed or states[entry.name] in _ALWAYS_LISTED
+        ]
         items = [
             self._model_item(
                 entry, index, states[entry.name], _created(entry, snapshot, file_times)
             )
-            for entry in index.entries
-            if self._settings.include_non_installed or states[entry.name] in _ALWAYS_LISTED
+            for entry in listed
         ]
-        listing = json_bytes({"object": "list", "data": items})
-        models = {item["id"]: json_bytes(item) for item in items}
-        ids = {item["extensions"]["logical_id"]: item["id"] for item in items}
-        return CatalogView(snapshot, index, listing, len(items), models, ids, states, file_times)
+        bare = tuple(json_bytes(item) for item in items)
+        statuses = tuple(
+            json_bytes(entry_status(entry, states[entry.name], self._rules)) for entry in listed
+        )
+        by_holder: dict[str, list[int]] = {}
+        for position, entry in enumerate(listed):
+            holder = holder_name(entry, self._rules)
+            if holder is not None:
+                by_holder.setdefault(holder, []).append(position)
+        finals = [
+            _with_status_bytes(body, status) for body, status in zip(bare, statuses, strict=True)
+        ]
+        listed_ids = tuple(item["id"] for item in items)
+        return CatalogView(
+            snapshot,
+            index,
+            _LISTING_HEAD + b",".join(finals) + _LISTING_TAIL,
+            len(items),
+            dict(zip(listed_ids, finals, strict=True)),
+            {item["extensions"]["logical_id"]: item["id"] for item in items},
+            states,
+            file_times,
+            tuple(listed),
+            listed_ids,
+            bare,
+            statuses,
+            {holder: tuple(positions) for holder, positions in by_holder.items()},
+        )
 
     def _model_item(
         self,
@@ -267,6 +353,48 @@ class Catalog:
                 "schema_version": self._settings.schema_version,
             },
         }
+
+
+def _with_status_bytes(body: bytes, status: bytes) -> bytes:
+    """A model object's bytes (`{...}`) with `"status": <status>` as its last member."""
+    return body[:-1] + b',"status":' + status + b"}"
+
+
+def _overlay(view: CatalogView, slot: SlotView, rules: StatusRules) -> Overlay:
+    """The status of every listed model the slot concerns: its holder's, and those of models
+    whose last start failed (all the others have their idle status)."""
+    concerned: set[int] = set()
+    for name in (slot.holder, *slot.failures):
+        if name is not None:
+            concerned.update(view.by_holder.get(name, ()))
+    return tuple(
+        (
+            position,
+            json_bytes(
+                entry_status(
+                    view.listed_entries[position],
+                    view.installed[view.listed_entries[position].name],
+                    rules,
+                    slot,
+                )
+            ),
+        )
+        for position in sorted(concerned)
+    )
+
+
+def _compose(base: CatalogView, overlay: Overlay) -> CatalogView:
+    """`base` with the statuses of `overlay` in its listing and model objects."""
+    if not overlay:
+        return base
+    statuses = list(base.statuses)
+    models = dict(base.models)
+    for position, status in overlay:
+        statuses[position] = status
+        models[base.listed_ids[position]] = _with_status_bytes(base.bare[position], status)
+    finals = [models[model_id] for model_id in base.listed_ids]
+    listing = _LISTING_HEAD + b",".join(finals) + _LISTING_TAIL
+    return dataclasses.replace(base, listing=listing, models=models, statuses=tuple(statuses))
 
 
 def _modification_times(snapshot: RegistrySnapshot) -> dict[Path, int]:

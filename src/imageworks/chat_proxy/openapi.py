@@ -216,6 +216,17 @@ _SCHEMAS: dict[str, Any] = {
             "created": {"type": "integer", "description": "Unix seconds (downloaded, or edited)"},
             "owned_by": {"type": "string"},
             "extensions": _OBJECT,
+            "status": {
+                "type": "object",
+                "description": "Is it warm? In llama.cpp's router shape (see the README)",
+                "required": ["value"],
+                "properties": {
+                    "value": {"enum": ["unloaded", "loading", "loaded"]},
+                    "step": {"type": "string", "description": "How far a load has got"},
+                    "failed": {"const": True},
+                    "error": {"type": "string", "description": "Why the last start failed"},
+                },
+            },
         },
     },
     "ModelList": {

@@ -149,6 +149,7 @@ async def running_services(
         on_swap=swapped,
     )
     slot.open()
+    catalog.watch_slot(slot.view)  # the models' status in the listings
     background: list[asyncio.Task[None]] = []
     if settings.vllm_single_port:
         try:
