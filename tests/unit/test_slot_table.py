@@ -45,8 +45,8 @@ def lease(waiter_id: int, key: str, arrived: float = 0.0) -> Waiter:
     return Waiter(waiter_id, arrived, key, plan=f"plan {key}")
 
 
-def stop(waiter_id: int, arrived: float = 0.0) -> Waiter:
-    return Waiter(waiter_id, arrived)
+def stop(waiter_id: int, arrived: float = 0.0, only: str | None = None) -> Waiter:
+    return Waiter(waiter_id, arrived, only_key=only)
 
 
 def slot(phase: Phase | None, key: str = "a", *queue: Waiter, **current: object) -> SlotState:
@@ -146,6 +146,17 @@ ROWS: list[tuple[str, SlotState, Message, float, list[str], str]] = [
      ["stop gen 1"], "stopping a"),
     ("ready: a stop waits for the leases", slot(Phase.READY, "a", leases=frozenset({7})),
      Wanted(stop(1)), 0, [], "ready a"),
+    ("ready: an unload of the holder waits for its leases, as a stop does",
+     slot(Phase.READY, "a", leases=frozenset({7})), Wanted(stop(1, only="a")), 0, [],
+     "ready a"),
+    ("ready: an unload of the holder stops it once idle", slot(Phase.READY, "a"),
+     Wanted(stop(1, only="a")), 0, ["stop gen 1"], "stopping a"),
+    ("ready: an unload of a model swapped out meanwhile stops nothing", slot(Phase.READY, "b"),
+     Wanted(stop(1, only="a")), 0, ["complete 1"], "ready b"),
+    ("starting: an unload of another model completes, the start goes on",
+     slot(Phase.STARTING, "b"), Wanted(stop(1, only="a")), 0, ["complete 1"], "starting b"),
+    ("empty: an unload completes at once", slot(None), Wanted(stop(1, only="a")), 0,
+     ["complete 1"], "empty"),
     ("ready: the drain timeout stops the holder under its leases",
      slot(Phase.READY, "a", lease(1, "b"), leases=frozenset({7})), Tick(), 30,
      ["stop gen 1 cutting leases short"], "stopping a"),

@@ -252,13 +252,14 @@ class GpuSlot(Generic[K, P, H]):
         finally:
             self._post(LeaseEnded(lease.lease_id))
 
-    async def stop(self) -> None:
+    async def stop(self, only: K | None = None) -> None:
         """Stop the holder once the requests admitted before this call have finished (or the
-        drain timeout cuts them short); requests arriving meanwhile wait behind the stop."""
+        drain timeout cuts them short); requests arriving meanwhile wait behind the stop.
+        With `only`, the holder is stopped only if it is that key when the stop's turn comes."""
         loop = self._opened()
         waiter_id = next(self._ids)
         done: asyncio.Future[None] = loop.create_future()
-        self._post(Wanted(Waiter(waiter_id, loop.time())), done)
+        self._post(Wanted(Waiter(waiter_id, loop.time(), only_key=only)), done)
         try:
             await done
         except asyncio.CancelledError:
@@ -286,6 +287,12 @@ class GpuSlot(Generic[K, P, H]):
     def holder_model(self) -> str | None:
         current = self._state.current
         return str(current.key) if current is not None and current.phase is Phase.READY else None
+
+    @property
+    def current_key(self) -> K | None:
+        """The key of the holder, or of the one starting or stopping (None: empty)."""
+        current = self._state.current
+        return cast(K, current.key) if current is not None else None
 
     @property
     def holder(self) -> H | None:

@@ -15,6 +15,8 @@ Phases of the current holder (none at all: the slot is EMPTY):
     ========  =====================================================  ==========================
     EMPTY     a lease waiter is at the head of the queue             STARTING; Start
     EMPTY     a stop waiter is at the head                           EMPTY; the stop completes
+    any       a stop of one key only (an unload) is at the head      the stop completes, nothing
+              and another key (or none) holds the slot               is stopped
     EMPTY     Adopt (a process found running at start-up)            STARTING; CheckAdopted,
                                                                      or STOPPING; Stop if no
                                                                      entry can serve it
@@ -81,6 +83,9 @@ class Waiter:
     key: Hashable | None = None  # None: a stop
     plan: Any = None
     idle_ttl_s: float | None = None
+    # A stop of this key only (an unload): decided when the stop reaches the head of the
+    # queue, so a swap that happened meanwhile is not undone by stopping the new holder.
+    only_key: Hashable | None = None
 
     @property
     def is_stop(self) -> bool:
@@ -407,6 +412,10 @@ def _advance(step: _Step) -> None:
         if not state.queue:
             return
         head = state.queue[0]
+        if _stops_nothing(head, current):  # that key holds nothing (any more)
+            step.remove(head)
+            step.effects.append(Complete(head.id))
+            continue
         if current is None:
             if head.is_stop:
                 step.remove(head)
@@ -431,6 +440,13 @@ def _advance(step: _Step) -> None:
                 f"within the drain timeout ({drain:g}s)",
             )
         return
+
+
+def _stops_nothing(head: Waiter, current: Current | None) -> bool:
+    """A stop of one key (an unload) when that key is not the slot's."""
+    if not head.is_stop or head.only_key is None:
+        return False
+    return current is None or current.key != head.only_key
 
 
 def _start(step: _Step, head: Waiter) -> None:

@@ -115,10 +115,12 @@ async def unload_model(request: Request) -> Response:
             code="model_not_managed",
         )
     slot = services.slot.view()
-    if slot.holder != holder or slot.phase not in (Phase.STARTING, Phase.READY):
+    key = services.slot.current_key
+    if slot.holder != holder or slot.phase not in (Phase.STARTING, Phase.READY) or key is None:
         raise InvalidRequest("model is not running", param="model", code="model_not_loaded")
     try:
-        await services.slot.stop()
+        # Only that holder: a swap between the check above and the stop's turn has unloaded it.
+        await services.slot.stop(only=key)
     except BackendNotReady as exc:  # the process survived the stop: the slot keeps it
         raise BackendUnavailable(str(exc), code="stop_failed") from exc
     return Response(SUCCESS, media_type="application/json")
