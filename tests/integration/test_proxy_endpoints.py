@@ -12,6 +12,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,59 @@ def test_a_chat_then_embeddings_swap_the_one_model_process_and_back(proxy: Runni
     back = proxy.health()["slot"]
     assert back["holder"] == SMOL_ENTRY
     assert not pid_alive(embed_slot["pid"])
+
+
+def test_clients_of_every_endpoint_at_once_each_get_a_whole_answer(proxy: RunningProxy) -> None:
+    # A real day: one client streams chat, one streams completions, one embeds, all at once, so
+    # the slot swaps the chat model and the embedding model back and forth under them. Every
+    # client must get a whole answer (a finished stream, a vector), never a cut-off one.
+    rounds = 3
+    swaps_before = proxy.health()["slot"]["swaps"]
+
+    def chat_streams() -> list[str]:
+        body = {
+            "model": SMOL,
+            "messages": [{"role": "user", "content": "ping"}],
+            "max_tokens": 8,
+            "stream": True,
+        }
+        return [_finished_stream(proxy, "/v1/chat/completions", body) for _ in range(rounds)]
+
+    def completion_streams() -> list[str]:
+        body = {"model": SMOL, "prompt": "Once upon a time", "max_tokens": 8, "stream": True}
+        return [_finished_stream(proxy, "/v1/completions", body) for _ in range(rounds)]
+
+    def embeddings() -> list[str]:
+        outcomes = []
+        for _ in range(rounds):
+            response = post(proxy, "/v1/embeddings", {"model": EMBED, "input": ["a", "b"]})
+            data = response.json().get("data") if response.status_code == 200 else None
+            whole = bool(data) and len(data) == 2 and all(d["embedding"] for d in data)
+            outcomes.append("whole" if whole else f"{response.status_code}: {response.text}")
+        return outcomes
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(work) for work in (chat_streams, completion_streams, embeddings)]
+        outcomes = [future.result(timeout=170) for future in futures]
+    assert outcomes == [["whole"] * rounds] * 3
+    assert proxy.health()["slot"]["swaps"] > swaps_before  # the two models did take turns
+
+
+def _finished_stream(proxy: RunningProxy, path: str, body: dict[str, Any]) -> str:
+    """ "whole" for a stream whose chunks all parse and whose last choice finished, ending in
+    [DONE]; otherwise what went wrong, for the assertion's message."""
+    try:
+        events = sse_events(proxy, path, body)
+    except AssertionError as failure:
+        return f"refused: {failure}"
+    data = [data_of(event) for event in events if "data:" in event]
+    if not data or data[-1] != "[DONE]":
+        return f"no [DONE]: {data[-2:]}"
+    chunks = [json.loads(item) for item in data[:-1]]
+    if any("error" in chunk for chunk in chunks):
+        return f"error event: {chunks[-1]}"
+    finishes = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
+    return "whole" if finishes and finishes[-1] in ("stop", "length") else f"unfinished: {finishes}"
 
 
 def test_embeddings_of_a_string(proxy: RunningProxy) -> None:
