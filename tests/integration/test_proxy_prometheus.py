@@ -106,8 +106,21 @@ def test_metrics_is_prometheus_text(traffic: Traffic) -> None:
 def test_metrics_counts_requests_by_model_backend_and_status(traffic: Traffic) -> None:
     assert (traffic.answer.status_code, traffic.stream.status_code) == (200, 200)
     assert traffic.unknown.status_code == 404
-    ok = {"model": SMOL_ENTRY, "backend": "llamacpp", "status": "200", "outcome": "ok"}
-    unknown = {"model": "(unknown)", "backend": "(none)", "status": "404", "outcome": "error"}
+    chat = "/v1/chat/completions"
+    ok = {
+        "model": SMOL_ENTRY,
+        "backend": "llamacpp",
+        "endpoint": chat,
+        "status": "200",
+        "outcome": "ok",
+    }
+    unknown = {
+        "model": "(unknown)",
+        "backend": "(none)",
+        "endpoint": chat,
+        "status": "404",
+        "outcome": "error",
+    }
     labelled = label_sets(traffic.series, "requests_total")
     assert len(labelled) == 2
     assert ok in labelled
@@ -118,13 +131,15 @@ def test_metrics_counts_requests_by_model_backend_and_status(traffic: Traffic) -
 
 def test_metrics_duration_and_ttft_histograms_count_the_requests(traffic: Traffic) -> None:
     series = traffic.series
-    smol = {"model": SMOL_ENTRY, "backend": "llamacpp"}
+    chat = "/v1/chat/completions"
+    smol = {"model": SMOL_ENTRY, "backend": "llamacpp", "endpoint": chat}
     assert value(series, "request_duration_seconds_count", **smol) == 2
     assert value(series, "request_duration_seconds_bucket", **smol, le="+Inf") == 2
     duration = value(series, "request_duration_seconds_sum", **smol)
     assert duration is not None
     assert duration > 0
-    assert value(series, "request_duration_seconds_count", model="(unknown)", backend="(none)")
+    unknown = {"model": "(unknown)", "backend": "(none)", "endpoint": chat}
+    assert value(series, "request_duration_seconds_count", **unknown)
     assert value(series, "time_to_first_token_seconds_count", model=SMOL_ENTRY) == 1  # the stream
     assert value(series, "overhead_seconds_count", backend="llamacpp") == 2
 

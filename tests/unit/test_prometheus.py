@@ -15,6 +15,9 @@ from support.prometheus_text import Series, label_sets, parse_series, value
 pytestmark = pytest.mark.timeout(10)
 
 
+CHAT = "/v1/chat/completions"
+
+
 def _record(**changes: Any) -> RequestRecord:
     base = RequestRecord(
         request_id="req-1",
@@ -57,9 +60,29 @@ def test_prometheus_counts_requests_by_model_backend_status_and_outcome() -> Non
     prometheus.request_finished(_record())
     prometheus.request_finished(_record(status=502, outcome="error"))
     series = _scrape(prometheus)
-    ok = {"model": "llama-3-8b", "backend": "llamacpp", "status": "200", "outcome": "ok"}
+    ok = {
+        "model": "llama-3-8b",
+        "backend": "llamacpp",
+        "endpoint": CHAT,
+        "status": "200",
+        "outcome": "ok",
+    }
     assert value(series, "requests_total", **ok) == 2
     assert value(series, "requests_total", **{**ok, "status": "502", "outcome": "error"}) == 1
+
+
+def test_prometheus_tells_the_model_endpoints_apart() -> None:
+    prometheus = _prometheus()
+    prometheus.request_finished(_record())
+    prometheus.request_finished(_record(endpoint="/v1/embeddings"))
+    prometheus.request_finished(_record(endpoint="/v1/embeddings"))
+    series = _scrape(prometheus)
+    common = {"model": "llama-3-8b", "backend": "llamacpp"}
+    ok = {**common, "status": "200", "outcome": "ok"}
+    assert value(series, "requests_total", **ok, endpoint=CHAT) == 1
+    assert value(series, "requests_total", **ok, endpoint="/v1/embeddings") == 2
+    duration = "request_duration_seconds_count"
+    assert value(series, duration, **common, endpoint="/v1/embeddings") == 2
 
 
 def test_prometheus_duration_histogram_counts_and_sums_in_seconds() -> None:
@@ -67,7 +90,7 @@ def test_prometheus_duration_histogram_counts_and_sums_in_seconds() -> None:
     for latency_ms in (80.0, 1500.0, 45_000.0):
         prometheus.request_finished(_record(latency_ms=latency_ms))
     series = _scrape(prometheus)
-    labels = {"model": "llama-3-8b", "backend": "llamacpp"}
+    labels = {"model": "llama-3-8b", "backend": "llamacpp", "endpoint": CHAT}
     assert value(series, "request_duration_seconds_count", **labels) == 3
     assert value(series, "request_duration_seconds_sum", **labels) == pytest.approx(46.58)
     assert value(series, "request_duration_seconds_bucket", **labels, le="0.1") == 1
@@ -104,9 +127,16 @@ def test_prometheus_unknown_model_names_collapse_into_one_label_value() -> None:
         prometheus.request_finished(dataclasses.replace(unresolved, status=404, outcome="error"))
     series = _scrape(prometheus)
     assert label_sets(series, "requests_total") == [
-        {"model": "(unknown)", "backend": "(none)", "status": "404", "outcome": "error"}
+        {
+            "model": "(unknown)",
+            "backend": "(none)",
+            "endpoint": CHAT,
+            "status": "404",
+            "outcome": "error",
+        }
     ]
-    assert value(series, "request_duration_seconds_count", model="(unknown)", backend="(none)")
+    unknown = {"model": "(unknown)", "backend": "(none)", "endpoint": CHAT}
+    assert value(series, "request_duration_seconds_count", **unknown)
     assert value(series, "requests_total", **label_sets(series, "requests_total")[0]) == 4
 
 

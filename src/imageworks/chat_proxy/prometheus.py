@@ -9,8 +9,8 @@ read from that owner at scrape time, so the two accounts can never drift apart.
 
 Series, all prefixed `imageworks_chat_proxy_`:
 
-    requests_total{model,backend,status,outcome}   finished chat completions
-    request_duration_seconds{model,backend}        histogram, arrival to last byte
+    requests_total{model,backend,endpoint,status,outcome}   finished model requests
+    request_duration_seconds{model,backend,endpoint}        histogram, arrival to last byte
     time_to_first_token_seconds{model}             histogram, streams that produced a token
     tokens_total{model,kind="prompt"|"completion"} as the backend reported (or we counted)
     overhead_seconds{backend}                      histogram, the proxy's own time (timing.py)
@@ -62,15 +62,16 @@ class PrometheusMetrics:
         registry = self.registry
         self._requests = Counter(
             PREFIX + "requests",
-            "Chat completions finished, by HTTP status (a stream that failed after its "
-            "headers: the status its error event carried) and outcome (ok, error, cancelled).",
-            ["model", "backend", "status", "outcome"],
+            "Model requests finished (chat, completions, embeddings, responses: `endpoint` is "
+            "the path), by HTTP status (a stream that failed after its headers: the status its "
+            "error event carried) and outcome (ok, error, cancelled).",
+            ["model", "backend", "endpoint", "status", "outcome"],
             registry=registry,
         )
         self._duration = Histogram(
             PREFIX + "request_duration_seconds",
-            "Chat completions, from arrival to the last byte of the answer.",
-            ["model", "backend"],
+            "Model requests, from arrival to the last byte of the answer.",
+            ["model", "backend", "endpoint"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
@@ -83,13 +84,13 @@ class PrometheusMetrics:
         )
         self._tokens = Counter(
             PREFIX + "tokens",
-            "Tokens of finished chat completions, as their usage reported.",
+            "Tokens of finished model requests, as their usage reported.",
             ["model", "kind"],
             registry=registry,
         )
         self._overhead = Histogram(
             PREFIX + "overhead_seconds",
-            "The proxy's own time per chat completion until its answer began: neither "
+            "The proxy's own time per model request until its answer began: neither "
             "waiting for the GPU slot nor waiting on the backend.",
             ["backend"],
             buckets=_OVERHEAD_BUCKETS,
@@ -113,8 +114,9 @@ class PrometheusMetrics:
     def request_finished(self, record: RequestRecord) -> None:
         model = record.model_resolved or UNKNOWN_MODEL
         backend = record.backend or UNKNOWN_BACKEND
-        self._requests.labels(model, backend, str(record.status), record.outcome).inc()
-        self._duration.labels(model, backend).observe(record.latency_ms / 1000)
+        endpoint = record.endpoint
+        self._requests.labels(model, backend, endpoint, str(record.status), record.outcome).inc()
+        self._duration.labels(model, backend, endpoint).observe(record.latency_ms / 1000)
         if record.ttft_ms is not None:
             self._ttft.labels(model).observe(record.ttft_ms / 1000)
         if record.prompt_tokens is not None:
