@@ -67,13 +67,18 @@ def data_of(event: str) -> str:
 
 
 def log_records(workdir: Path, count: int) -> list[dict[str, Any]]:
+    """The request log once it holds at least `count` lines and the writer has caught up (the
+    same lines twice, 0.2 s apart: it writes every 50 ms), so a request that finished just
+    before is never counted as one that comes after."""
     log = workdir / "logs" / "chat_proxy.jsonl"
     deadline = time.monotonic() + 10  # the writer thread appends shortly after the response
+    previous: list[dict[str, Any]] | None = None
     while True:
         records = [json.loads(line) for line in log.read_text().splitlines()]
-        if len(records) >= count or time.monotonic() > deadline:
+        if (len(records) >= count and records == previous) or time.monotonic() > deadline:
             return records
-        time.sleep(0.05)
+        previous = records
+        time.sleep(0.2)
 
 
 def assert_floats(vector: Any) -> None:
