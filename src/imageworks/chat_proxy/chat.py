@@ -45,6 +45,7 @@ from imageworks.chat_proxy.protocol import (
 )
 from imageworks.chat_proxy.sse import ClientGone, Reply, TaskResponse, shielded
 from imageworks.chat_proxy.timing import RequestTiming, Wait
+from imageworks.registry.entry_cache import PerEntry
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.naming import display_name
 from imageworks.registry.schema import RegistryEntry
@@ -127,7 +128,7 @@ class ChatService:
         self._rules = rules
         self._log_prompts = rules.log_prompts
         # entry -> the endpoints it serves, per registry snapshot (a few µs saved per request)
-        self._served: dict[int, tuple[RegistryEntry, tuple[Endpoint, ...]]] = {}
+        self._served: PerEntry[tuple[Endpoint, ...]] = PerEntry()
         templates = TemplateGate(rules.require_template)
         renames = rules.requested_model_in_answers
         chat = ChatFlow(
@@ -229,14 +230,9 @@ class ChatService:
 
     def _require_endpoint(self, entry: RegistryEntry, endpoint: Endpoint) -> None:
         """Refused before the slot is touched: no model is swapped for a request it cannot serve."""
-        cached = self._served.get(id(entry))
-        if cached is not None and cached[0] is entry:
-            served = cached[1]
-        else:
-            served = served_endpoints(entry, self._rules.llamacpp_dialect)
-            if len(self._served) > 1024:  # entries of old registry snapshots
-                self._served.clear()
-            self._served[id(entry)] = (entry, served)
+        served = self._served.get(entry)
+        if served is None:
+            served = self._served.put(entry, served_endpoints(entry, self._rules.llamacpp_dialect))
         if endpoint not in served:
             raise InvalidRequest(
                 unserved_message(display_name(entry), endpoint, served),

@@ -43,6 +43,7 @@ from imageworks.chat_proxy.requests import (
 )
 from imageworks.chat_proxy.sse import Reply, shielded
 from imageworks.chat_proxy.usage import StreamUsage, tokenizer_for
+from imageworks.registry.entry_cache import PerEntry
 from imageworks.registry.naming import display_name
 from imageworks.registry.schema import RegistryEntry
 
@@ -59,8 +60,7 @@ class TemplateGate:
 
     def __init__(self, require: bool) -> None:
         self._require = require
-        # entry -> template check, per registry snapshot (entries are replaced on reload)
-        self._checks: dict[int, tuple[RegistryEntry, TemplateCheck]] = {}
+        self._checks: PerEntry[TemplateCheck] = PerEntry()
 
     async def check(self, entry: RegistryEntry, registry_dir: Path) -> None:
         if not self._require or entry.backend not in TEMPLATED_BACKENDS:
@@ -76,13 +76,10 @@ class TemplateGate:
             )
 
     async def _check(self, entry: RegistryEntry, registry_dir: Path) -> TemplateCheck:
-        cached = self._checks.get(id(entry))
-        if cached is not None and cached[0] is entry:
-            return cached[1]
-        check = await asyncio.to_thread(check_chat_template, entry, registry_dir)
-        if len(self._checks) > 1024:  # entries of old registry snapshots
-            self._checks.clear()
-        self._checks[id(entry)] = (entry, check)
+        check = self._checks.get(entry)
+        if check is None:
+            check = await asyncio.to_thread(check_chat_template, entry, registry_dir)
+            self._checks.put(entry, check)
         return check
 
 

@@ -42,6 +42,7 @@ from imageworks.chat_proxy.observe import Metrics, RequestLog
 from imageworks.chat_proxy.prometheus import PrometheusMetrics
 from imageworks.chat_proxy.restart import restarted_by_exec
 from imageworks.config import RegistrySettings
+from imageworks.registry.entry_cache import PerEntry
 from imageworks.registry.errors import RegistryError
 from imageworks.registry.installed import HttpServedModels
 from imageworks.registry.schema import RegistryEntry
@@ -83,18 +84,14 @@ async def running_services(
     await asyncio.to_thread(_refresh_merged_file, store)
 
     launches = launch_settings(settings, registry.registry_dir)
-    plans: dict[int, tuple[RegistryEntry, LaunchPlan]] = {}
+    plans: PerEntry[LaunchPlan] = PerEntry()
 
     def plan_for(entry: RegistryEntry) -> LaunchPlan:
         """How `entry` is launched (BackendNotReady if it cannot be), once per entry object:
         a registry reload makes new entries, and with them new plans."""
-        cached = plans.get(id(entry))
-        if cached is not None and cached[0] is entry:
-            return cached[1]
-        plan = LaunchPlan(entry, launch_spec(entry, launches))
-        if len(plans) > 1024:  # entries of old registry snapshots
-            plans.clear()
-        plans[id(entry)] = (entry, plan)
+        plan = plans.get(entry)
+        if plan is None:
+            plan = plans.put(entry, LaunchPlan(entry, launch_spec(entry, launches)))
         return plan
 
     def plan_named(name: str) -> LaunchPlan | None:
