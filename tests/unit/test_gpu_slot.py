@@ -24,6 +24,8 @@ class FakeModel:
     pid: int | None = None
     killed: bool = False
 
+    safe_mode: tuple[str, ...] = ()
+
     def is_alive(self) -> bool:
         return self.alive
 

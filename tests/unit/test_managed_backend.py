@@ -24,6 +24,8 @@ class FakeServer:
     command: tuple[str, ...]
     pid: int | None = None
 
+    safe_mode: tuple[str, ...] = ()
+
     def is_alive(self) -> bool:
         return True
 

@@ -50,6 +50,8 @@ class Target:
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # The environment variable the key came from: how errors name the key without showing it.
     key_env: str | None = None
+    # The model server runs in safe mode (these arguments added): recorded with each request.
+    safe_mode: tuple[str, ...] = ()
 
 
 class Backend(Protocol):

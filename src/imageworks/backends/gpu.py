@@ -64,6 +64,11 @@ class Holder(Protocol):
     @property
     def pid(self) -> int | None: ...
 
+    @property
+    def safe_mode(self) -> tuple[str, ...]:
+        """The safe-mode arguments it was started with (empty: none), for people to see."""
+        ...
+
     def is_alive(self) -> bool: ...
 
     def kill_now(self) -> None:

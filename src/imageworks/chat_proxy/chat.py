@@ -220,6 +220,7 @@ class ChatService:
         if exchange.stream:  # while the model loads: the headers, then `: loading` comments
             reply.keep_alive(self._rules.stream_heartbeat_s, lambda: f"loading {entry.name}")
         async with self._lease(entry, exchange.timing.queue) as target:
+            exchange.safe_mode = target.safe_mode
             try:
                 await flow.forward(exchange, entry, body, target, reply)
             except ProxyError as failure:

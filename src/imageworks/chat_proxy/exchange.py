@@ -51,6 +51,7 @@ class Exchange:
     timing: RequestTiming = field(default_factory=RequestTiming)  # the middleware's, if it runs
     # The last `sequence_number` a Responses API stream relayed (its error event comes next).
     sequence: int | None = None
+    safe_mode: tuple[str, ...] = ()  # the model server ran in safe mode with these arguments
 
     def end(self, status: int, outcome: Outcome, error: str | None = None) -> None:
         """Settle the outcome; the first call wins (an answer that was sent stays sent)."""
@@ -82,6 +83,7 @@ class Exchange:
             queue_ms=_ms(timing.queue.total_s),
             upstream_ms=_ms(timing.upstream.total_s),
             proxy_ms=_ms(timing.proxy_s()),
+            safe_mode=self.safe_mode,
         )
 
 

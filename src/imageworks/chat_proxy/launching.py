@@ -8,6 +8,7 @@ from pathlib import Path
 
 from imageworks.backends.llamacpp import LlamaCppPython, LlamaLauncher, find_llama_server
 from imageworks.backends.router import LaunchSettings
+from imageworks.backends.safe_mode import SafeModeMemory, default_memory_path
 from imageworks.chat_proxy.config import ProxySettings
 
 
@@ -28,3 +29,9 @@ def llamacpp_launcher(settings: ProxySettings) -> LlamaLauncher:
     if settings.llamacpp_launcher == "llama-cpp-python":
         return LlamaCppPython()  # CHAT_PROXY_LLAMA_SERVER_BINARY does not apply
     return find_llama_server(settings.llama_server_binary)
+
+
+def safe_mode_memory(settings: ProxySettings) -> SafeModeMemory:
+    """Which server binaries start in safe mode here (CHAT_PROXY_SAFE_MODE), shared by every
+    proxy and loader of this user."""
+    return SafeModeMemory(default_memory_path(), settings.safe_mode)

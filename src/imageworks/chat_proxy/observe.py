@@ -80,6 +80,9 @@ class RequestRecord:
     # The path the client posted to. Lines written before the field existed have none: they
     # are all chat completions.
     endpoint: str = "/v1/chat/completions"
+    # The safe-mode arguments its model server ran with (it crashed at load without them);
+    # written only when there are some.
+    safe_mode: tuple[str, ...] = ()
 
     def to_json_line(self, log_prompts: bool) -> bytes:
         """The record as one compact JSON line in UTF-8, newline included."""
@@ -112,6 +115,8 @@ class RequestRecord:
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
             "proxy_ms": None if self.proxy_ms is None else round(self.proxy_ms, 1),
         }
+        if self.safe_mode:
+            line["safe_mode"] = list(self.safe_mode)
         if log_prompts:
             line["prompt"] = self.prompt
             line["response"] = self.response

@@ -79,6 +79,8 @@ def _models(view: CatalogView, slot: dict[str, Any], catalog: Catalog) -> list[d
                 "installed": installed is Installed.YES,
                 "state": state,
                 "waiting": waiting.get(entry.name, 0),
+                # The holder's server runs in safe mode: it crashed at load without these.
+                "safe_mode": slot["safe_mode"] if entry.name == slot["holder"] else [],
                 # A remote whose health check fails: since when and why (never its key).
                 "unreachable": None
                 if outage is None
@@ -108,6 +110,7 @@ def _slot(status: dict[str, Any]) -> dict[str, Any]:
         "phase_since": iso_utc(since),
         "phase_elapsed_s": round(max(0.0, time.time() - since), 1),
         "pid": status["pid"],
+        "safe_mode": status["safe_mode"],
         "active_requests": status["active_requests"],
         "waiting": status["waiting"],
         "swaps": status["swaps"],

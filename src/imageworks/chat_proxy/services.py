@@ -35,7 +35,7 @@ from imageworks.chat_proxy.catalog import Catalog
 from imageworks.chat_proxy.chat import ChatRules, ChatService
 from imageworks.chat_proxy.config import ProxySettings
 from imageworks.chat_proxy.forwarding import Forwarder, new_session
-from imageworks.chat_proxy.launching import launch_settings
+from imageworks.chat_proxy.launching import launch_settings, safe_mode_memory
 from imageworks.chat_proxy.normalize.request import RequestRules
 from imageworks.chat_proxy.normalize.vision import ImagePolicy
 from imageworks.chat_proxy.observe import Metrics, RequestLog
@@ -125,6 +125,7 @@ async def running_services(
         start_timeout_s=settings.vllm_start_timeout_s,
         stop_timeout_s=settings.vllm_stop_timeout_s,
         health_timeout_s=settings.vllm_health_timeout_s,
+        safe_mode=safe_mode_memory(settings),
     )
     prometheus = (
         PrometheusMetrics(

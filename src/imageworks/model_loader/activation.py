@@ -25,9 +25,11 @@ from imageworks.backends.base import BackendNotReady
 from imageworks.backends.managed import GpuEffects, LaunchPlan
 from imageworks.backends.ollama import OllamaError, OllamaManager
 from imageworks.backends.router import LaunchSettings, launch_spec
+from imageworks.backends.safe_mode import SafeModeMemory
 from imageworks.backends.state import ManagedState, StateFile, StateLockTimeout, recorded_process
 from imageworks.backends.supervisor import ProcessSurvived, StartError
 from imageworks.chat_proxy.config import ProxySettings
+from imageworks.chat_proxy.launching import safe_mode_memory
 from imageworks.model_loader.errors import PROG, ActivationError, LoaderError
 from imageworks.registry.schema import RegistryEntry
 
@@ -202,10 +204,11 @@ async def _activate(
         "start_timeout_s": settings.vllm_start_timeout_s,
         "stop_timeout_s": settings.vllm_stop_timeout_s,
     }
-    async with _effects(state_file, ollama_host, **timeouts) as effects:
+    memory = safe_mode_memory(settings)
+    async with _effects(state_file, ollama_host, **timeouts, safe_mode=memory) as effects:
         running = await asyncio.to_thread(current, state_file)
         if running is not None:
-            if running.entry == plan.entry.name and tuple(running.command) == plan.spec.argv:
+            if running.entry == plan.entry.name and running.requested_command == plan.spec.argv:
                 return running
             await _stop_recorded(effects, running)
         try:
@@ -259,6 +262,7 @@ async def _effects(
     *,
     start_timeout_s: float,
     stop_timeout_s: float,
+    safe_mode: SafeModeMemory | None = None,
 ) -> AsyncIterator[GpuEffects]:
     async with httpx.AsyncClient(trust_env=False) as client:
         yield GpuEffects(
@@ -268,6 +272,7 @@ async def _effects(
             start_timeout_s=start_timeout_s,
             stop_timeout_s=stop_timeout_s,
             owner="loader",
+            safe_mode=safe_mode,
         )
 
 

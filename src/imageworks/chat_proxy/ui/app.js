@@ -269,7 +269,9 @@ function showModels(models) {
     setText(row.quant, m.quantization || "–");
     setText(row.format, m.format || "");
     setText(row.caps, m.capabilities.length ? m.capabilities.join(", ") : "–");
-    setText(row.state, m.state);
+    // A server that crashed at load without its safe-mode arguments runs with them: say so.
+    const safe = m.safe_mode && m.safe_mode.length ? ` (safe mode: ${m.safe_mode.join(" ")})` : "";
+    setText(row.state, m.state + safe);
     row.state.dataset.state = m.state;
     setText(row.waiting, String(m.waiting));
     // Only "not installed" says the files are missing: `installed` false with another state
