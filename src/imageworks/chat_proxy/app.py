@@ -148,6 +148,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
     for warning in startup_warnings(settings):
         log.warning("%s", warning)
     try:  # a registry that cannot be read is one clear line, not a lifespan traceback
@@ -171,7 +172,7 @@ def main() -> int:
         app,
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.vllm_stop_timeout_s) + 15,
     )
