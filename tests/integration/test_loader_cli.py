@@ -20,6 +20,7 @@ import pytest
 
 from conftest import entry, read_json, write_json
 from imageworks.backends.state import StateFile
+from imageworks.chat_proxy.app import VERSION
 from imageworks.chat_proxy.config import ProxySettings
 from imageworks.model_loader.activation import admin_token, proxy_url, via_proxy
 from imageworks.model_loader.errors import ActivationError, LoaderError
@@ -215,6 +216,12 @@ def test_bad_usage_exits_2(registry: Path) -> None:
     result = run("frobnicate", registry_dir=registry)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_version_is_the_proxys_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == (f"imageworks-loader {VERSION}\n", "")
 
 
 def test_bad_setting_names_the_variable(registry: Path) -> None:

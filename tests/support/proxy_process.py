@@ -85,10 +85,11 @@ class Workspace:
             check=False,
         )
 
-    def start_proxy(self) -> RunningProxy:
+    def start_proxy(self, *args: str) -> RunningProxy:
+        """`imageworks-chat-proxy ARGS`, once it answers on `proxy_port`."""
         log = (self.root / "proxy.out").open("ab")
         process = subprocess.Popen(
-            [str(PROXY)], cwd=self.root, env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            [str(PROXY), *args], cwd=self.root, env=self.env(), stdout=log, stderr=subprocess.STDOUT
         )
         proxy = RunningProxy(f"http://127.0.0.1:{self.proxy_port}", process, self.root)
         deadline = time.monotonic() + 60
@@ -98,14 +99,15 @@ class Workspace:
                 return proxy
             except httpx.HTTPError:
                 if process.poll() is not None or time.monotonic() > deadline:
+                    proxy.kill()  # one that never answered is not left running
                     raise RuntimeError((self.root / "proxy.out").read_text()) from None
                 time.sleep(0.1)
 
     @contextlib.contextmanager
-    def serving(self) -> Iterator[RunningProxy]:
+    def serving(self, *args: str) -> Iterator[RunningProxy]:
         """The proxy for the block: SIGTERM at its end (unless it already exited), and no model
         server left behind."""
-        proxy = self.start_proxy()
+        proxy = self.start_proxy(*args)
         try:
             yield proxy
         finally:

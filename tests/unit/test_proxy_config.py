@@ -55,6 +55,7 @@ def test_defaults_are_the_runbook_table() -> None:
     assert settings.vision_keep_system is True
     assert settings.vision_keep_last_n_turns == 0
     assert settings.response_model == "requested"
+    assert settings.log_level == "info"
 
 
 def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +68,7 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHAT_PROXY_LLAMACPP_LAUNCHER", "llama-cpp-python")
     monkeypatch.setenv("CHAT_PROXY_LLAMA_SERVER_BINARY", "/opt/llama.cpp/llama-server")
     monkeypatch.setenv("CHAT_PROXY_RESPONSE_MODEL", "Backend")
+    monkeypatch.setenv("CHAT_PROXY_LOG_LEVEL", " Warning ")
     settings = load_settings()
     assert settings.port == 9000
     assert settings.enable_metrics is True
@@ -78,6 +80,7 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.llamacpp_launcher == "llama-cpp-python"
     assert settings.llama_server_binary == "/opt/llama.cpp/llama-server"
     assert settings.response_model == "backend"
+    assert settings.log_level == "warning"
 
 
 @pytest.mark.parametrize(
@@ -91,6 +94,7 @@ def test_environment_values_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CHAT_PROXY_AUTOSTART_MAP", '{"m": []}'),
         ("CHAT_PROXY_LLAMACPP_LAUNCHER", "ollama"),
         ("CHAT_PROXY_RESPONSE_MODEL", "served"),
+        ("CHAT_PROXY_LOG_LEVEL", "loud"),
     ],
 )
 def test_bad_value_is_one_message_naming_the_variable(

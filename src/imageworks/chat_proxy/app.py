@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from imageworks.chat_proxy.command_line import environment_from_argv
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
 from imageworks.chat_proxy.dashboard import dashboard_routes
 from imageworks.chat_proxy.guard import AccessGuard, startup_warnings
@@ -127,6 +129,8 @@ class ChatFastPath:
 
 
 def main() -> int:
+    # The flags are environment variables (command_line.py): set before any setting is read.
+    os.environ.update(environment_from_argv(sys.argv[1:], version=VERSION))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -148,6 +152,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
     for warning in startup_warnings(settings):
         log.warning("%s", warning)
     try:  # a registry that cannot be read is one clear line, not a lifespan traceback
@@ -171,7 +176,7 @@ def main() -> int:
         app,
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.vllm_stop_timeout_s) + 15,
     )

@@ -10,12 +10,15 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CHAT_PROXY_"
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 
 class ProxySettings(BaseSettings):
@@ -65,6 +68,8 @@ class ProxySettings(BaseSettings):
     max_log_bytes: int = Field(default=25_000_000, gt=0)
     log_keep_files: int = Field(default=5, ge=1)
     log_prompts: bool = False
+    # The operator log on stderr (the proxy's and uvicorn's); the request log is not filtered.
+    log_level: LogLevel = "info"
 
     # -- autostart (external backends) ------------------------------------------------------------
     autostart_enabled: bool = False
@@ -163,7 +168,9 @@ class ProxySettings(BaseSettings):
             return frozenset(item for item in items if item)
         return value
 
-    @field_validator("llamacpp_launcher", "response_model", "restart_mode", mode="before")
+    @field_validator(
+        "llamacpp_launcher", "response_model", "restart_mode", "log_level", mode="before"
+    )
     @classmethod
     def _lowercase_choice(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

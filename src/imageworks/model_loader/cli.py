@@ -1,5 +1,6 @@
 """`imageworks-loader`: look at and look after the model registry, and the model on the GPU.
 
+    imageworks-loader --version
     imageworks-loader list [--backend B] [--installed] [--json]
     imageworks-loader show NAME [--json]
     imageworks-loader verify [NAME] [--json]
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import NoReturn
 
@@ -55,6 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Inspect and maintain the registry and the GPU.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('imageworks')}")
     parser.add_argument(
         "--registry-dir",
         type=Path,
