@@ -165,7 +165,8 @@ def main() -> int:
     except OSError as exc:
         print(
             f"imageworks-chat-proxy: cannot listen on {settings.host}:{settings.port}: "
-            f"{exc.strerror or exc} (set CHAT_PROXY_HOST / CHAT_PROXY_PORT)",
+            f"{exc.strerror or exc} (choose another with --host / --port, or set CHAT_PROXY_HOST / "
+            "CHAT_PROXY_PORT)",
             file=sys.stderr,
         )
         return 1
