@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,12 @@ from typing import Any
 
 import pytest
 
+from support import child_processes
 from support.proxy_process import Workspace
+
+# No process a test starts outlives the run (stopped on SIGTERM/SIGINT and after a SIGKILL too);
+# one still running at the end fails the run.
+pytest_plugins = ["support.process_hygiene"]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +47,7 @@ def registry_dir(tmp_path: Path) -> Path:
 def demo_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The two demo GGUF models, prepared once per test run by the project's own command."""
     models = tmp_path_factory.mktemp("models") / "demo"
-    subprocess.run(
+    child_processes.run(
         [sys.executable, "-m", "imageworks.demo", "--models-dir", str(models)],
         check=True,
         capture_output=True,
@@ -70,9 +74,9 @@ def demo_registry(tmp_path: Path, demo_models: Path) -> Path:
 
 @pytest.fixture
 def ws(tmp_path: Path, demo_models: Path) -> Iterator[Workspace]:
-    """A workspace with the demo registry, for the real console scripts; no model server on
-    its port outlives the test."""
+    """A workspace with the demo registry, for the real console scripts; no proxy it started
+    and no model server on its port outlives the test."""
     make_demo_workspace(tmp_path, demo_models)
     workspace = Workspace(tmp_path)
     yield workspace
-    workspace.kill_model_servers()
+    workspace.close()

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from imageworks.backends.llamacpp import find_llama_server
+from support.child_processes import popen
 from support.model_servers import IGNORES_SIGTERM, SLOW_START, serve_through
 from support.proxy_process import (
     LOADER,
@@ -143,11 +144,13 @@ def test_loader_killed_while_its_model_starts_leaves_a_record_the_proxy_adopts(
     # `activate-model` without a proxy runs the slot's own effects: the record is written as
     # the process spawns, owned by the loader, and the process outlives the command.
     serve_through(ws, SLOW_START.format(delay=2, server=real_server))
-    loader = subprocess.Popen([str(LOADER), "activate-model", SMOL], cwd=ws.root, env=ws.env())
-    record = wait_for(lambda: state_record(ws), "the loader's record of the spawned process")
+    loader = popen([str(LOADER), "activate-model", SMOL], cwd=ws.root, env=ws.env())
+    try:
+        record = wait_for(lambda: state_record(ws), "the loader's record of the spawned process")
+    finally:
+        loader.kill()
+        loader.wait()
     assert (record["phase"], record["owner"]) == ("starting", "loader")
-    loader.kill()
-    loader.wait()
     assert pid_alive(record["pid"])
 
     proxy = ws.start_proxy()
@@ -228,7 +231,7 @@ def test_a_state_file_that_cannot_be_written_fails_the_start_and_keeps_no_proces
 
 
 def test_a_stranger_on_the_model_port_is_named_in_the_503(ws: Workspace) -> None:
-    stranger = subprocess.Popen(
+    stranger = popen(
         [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(ws.model_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

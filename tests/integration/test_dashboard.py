@@ -90,7 +90,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> It
     make_demo_workspace(workdir, demo_models)
     ws = Workspace(workdir)
     yield ws
-    ws.kill_model_servers()
+    ws.close()
 
 
 @pytest.fixture(scope="module")
@@ -215,23 +215,22 @@ def test_dashboard_shows_a_failed_start_with_the_model_servers_log_tail(
     make_demo_workspace(tmp_path, demo_models)
     ws = Workspace(tmp_path)
     serve_through(ws, FAILING_SERVER)
-    running = ws.start_proxy()
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    try:
-        page = context.new_page()
-        page.goto(f"{running.url}/ui")
-        page.get_by_role("button", name=f"Activate {SMOL}").click()
-        expect(page.locator("#message")).to_contain_text(
-            f"Error: Activating {SMOL} failed", timeout=SWAP_MS
-        )
-        expect(page.locator("#error-summary")).to_contain_text(SMOL)
-        expect(page.locator("#error-log")).to_contain_text("cannot open the weights")
-        expect(models_row(page, SMOL).locator("td.state")).to_have_text("idle")
-        expect(page.locator("#slot-state")).to_have_text("empty")
-        page.screenshot(path=artifacts_dir() / "dashboard-failed-start.png", full_page=True)
-    finally:
-        context.close()
-        running.terminate()
+    with ws.serving() as running:
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        try:
+            page = context.new_page()
+            page.goto(f"{running.url}/ui")
+            page.get_by_role("button", name=f"Activate {SMOL}").click()
+            expect(page.locator("#message")).to_contain_text(
+                f"Error: Activating {SMOL} failed", timeout=SWAP_MS
+            )
+            expect(page.locator("#error-summary")).to_contain_text(SMOL)
+            expect(page.locator("#error-log")).to_contain_text("cannot open the weights")
+            expect(models_row(page, SMOL).locator("td.state")).to_have_text("idle")
+            expect(page.locator("#slot-state")).to_have_text("empty")
+            page.screenshot(path=artifacts_dir() / "dashboard-failed-start.png", full_page=True)
+        finally:
+            context.close()
 
 
 @pytest.fixture

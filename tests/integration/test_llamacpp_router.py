@@ -41,7 +41,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> It
     assert server is not None, "llama-server is part of the demo dependencies"
     serve_through(ws, SLOW_START.format(delay=2, server=server))
     yield ws
-    ws.kill_model_servers()
+    ws.close()
 
 
 @pytest.fixture(scope="module")

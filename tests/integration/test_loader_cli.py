@@ -24,6 +24,7 @@ from imageworks.chat_proxy.app import VERSION
 from imageworks.chat_proxy.config import ProxySettings
 from imageworks.model_loader.activation import admin_token, proxy_url, via_proxy
 from imageworks.model_loader.errors import ActivationError, LoaderError
+from support import child_processes
 from support.proxy_process import free_port, pid_alive
 from support.proxy_server import ProxyServer
 from support.scripted_llama_server import write_launcher
@@ -53,7 +54,7 @@ def run(
         **env,
     }
     prefix = ["--registry-dir", str(registry_dir)] if registry_dir else []
-    return subprocess.run(
+    return child_processes.run(
         [str(LOADER), *prefix, *args],
         capture_output=True,
         text=True,

@@ -20,6 +20,7 @@ import pytest
 
 from imageworks.backends.procfs import is_same_process, process_start_ticks
 from imageworks.backends.state import ManagedState, StateFile, StateLockTimeout, recorded_process
+from support.child_processes import popen
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 
@@ -52,7 +53,7 @@ def spawn() -> Iterator[Spawn]:
     children: list[subprocess.Popen[str]] = []
 
     def start(code: str, *args: str) -> subprocess.Popen[str]:
-        child = subprocess.Popen(
+        child = popen(
             [sys.executable, "-c", code, *args],
             stdout=subprocess.PIPE,
             text=True,
@@ -65,6 +66,7 @@ def spawn() -> Iterator[Spawn]:
     for child in children:
         if child.poll() is None:  # still our unreaped child, so its group is still its own
             os.killpg(child.pid, signal.SIGKILL)
+    for child in children:
         child.wait()
         assert child.stdout is not None
         child.stdout.close()

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from support import child_processes
+
 SCRIPTS = Path(sys.executable).parent
 PROXY = SCRIPTS / "imageworks-chat-proxy"
 LOADER = SCRIPTS / "imageworks-loader"
@@ -56,12 +58,14 @@ def processes_listening_on(port: int) -> list[int]:
 
 @dataclass
 class Workspace:
-    """A directory with configs/ (the registry) to run the proxy and loader in."""
+    """A directory with configs/ (the registry) to run the proxy and loader in. `close` stops
+    what it started: every proxy still running, and the model servers on its port."""
 
     root: Path
     proxy_port: int = field(default_factory=free_port)
     model_port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
+    _proxies: list[RunningProxy] = field(default_factory=list, init=False, repr=False)
 
     def env(self) -> dict[str, str]:
         inherited = os.environ.get("PYTHONPATH")
@@ -75,7 +79,7 @@ class Workspace:
         }
 
     def loader(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        return child_processes.run(
             [str(LOADER), *args],
             cwd=self.root,
             env=self.env(),
@@ -86,12 +90,18 @@ class Workspace:
         )
 
     def start_proxy(self, *args: str) -> RunningProxy:
-        """`imageworks-chat-proxy ARGS`, once it answers on `proxy_port`."""
-        log = (self.root / "proxy.out").open("ab")
-        process = subprocess.Popen(
-            [str(PROXY), *args], cwd=self.root, env=self.env(), stdout=log, stderr=subprocess.STDOUT
-        )
+        """`imageworks-chat-proxy ARGS`, once it answers on `proxy_port`; one that does not
+        within 60 s is killed (RuntimeError with its output)."""
+        with (self.root / "proxy.out").open("ab") as log:  # the child has its own descriptor
+            process = child_processes.popen(
+                [str(PROXY), *args],
+                cwd=self.root,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         proxy = RunningProxy(f"http://127.0.0.1:{self.proxy_port}", process, self.root)
+        self._proxies.append(proxy)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -111,8 +121,19 @@ class Workspace:
         try:
             yield proxy
         finally:
-            if proxy.process.poll() is None:
-                proxy.terminate()
+            try:
+                if proxy.process.poll() is None:
+                    proxy.terminate()
+            finally:
+                self.close()
+
+    def close(self) -> None:
+        """Stop every proxy this workspace started that still runs (SIGTERM, then SIGKILL),
+        then SIGKILL the model servers on its port: also after a test failed half-way."""
+        try:
+            for proxy in self._proxies:
+                proxy.stop()
+        finally:
             self.kill_model_servers()
 
     def kill_model_servers(self) -> None:
@@ -150,3 +171,14 @@ class RunningProxy:
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """End it if it still runs: SIGTERM (it stops its model server), SIGKILL after
+        `timeout_s`."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from imageworks.backends.procfs import PortOwner, port_owner
+from support.child_processes import popen
 from support.proxy_process import free_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -52,7 +53,7 @@ def test_port_owner_finds_an_ipv6_listener() -> None:
 def test_port_owner_names_the_pid_and_command_of_another_process() -> None:
     port = free_port()
     command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while (owner := port_owner(port)) is None:
