@@ -1,6 +1,9 @@
 """OpenAI's wire shapes end to end: the real `imageworks-chat-proxy` in front of the demo's
 llama.cpp servers (llama-server, and llama-cpp-python for those who choose it). Each test checks
-the structure of an answer, never what the model wrote."""
+the structure of an answer, never what the model wrote.
+
+Where llama-cpp-python is not installed, its stand-in serves the test of the form the proxy gives
+its requests, and the tests of what the real server writes on the wire are skipped."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from imageworks.backends.base import Dialect, Target
 from imageworks.chat_proxy.forwarding import Forwarder, new_session
 from imageworks.chat_proxy.requests import parse_chat_request
 from imageworks.chat_proxy.usage import Generated, count_usage, tokenizer_for
-from support.llama_cpp_python import serve_with_llama_cpp_python
+from support.llama_cpp_python import requires_llama_cpp_python, serve_with_llama_cpp_python
 from support.proxy_process import RunningProxy, Workspace
 
 pytestmark = pytest.mark.timeout(180)
@@ -156,6 +159,7 @@ def test_sdk_retrieves_every_listed_model(proxy: RunningProxy) -> None:
         assert client.models.retrieve(item["id"]).to_dict() == item
 
 
+@requires_llama_cpp_python
 def test_llama_cpp_python_stream_chunks_name_the_requested_model(
     python_proxy: RunningProxy,
 ) -> None:
@@ -227,6 +231,7 @@ async def test_usage_counted_by_llama_server_endpoints_is_what_it_reports(
     assert finishes == {"length", "stop"}
 
 
+@requires_llama_cpp_python
 def test_llama_cpp_python_stream_gets_no_invented_usage(python_proxy: RunningProxy) -> None:
     # It reports no usage in streams and has no template endpoint to count the prompt with.
     chunks = stream(python_proxy, stream_options={"include_usage": True})

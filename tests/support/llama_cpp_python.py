@@ -1,11 +1,15 @@
 """llama-cpp-python in tests: the real server when the package is installed, else a stand-in.
 
-The package is left out of the default install (pyproject.toml says why), so tests of our
-launcher and proxy for it start `python -m llama_cpp.server` as always; where the package is
-absent, `serve_with_llama_cpp_python(ws)` (a proxy) or `server_env()` (a process started
-directly) put `stand_ins/` first on the child's PYTHONPATH, and its `llama_cpp.server` answers
-instead (stand_ins/llama_cpp/server/__main__.py says how it behaves). With the real package
-installed, nothing changes: the real server answers.
+The package is left out of the default install (pyproject.toml says why), so:
+
+- tests of our launcher and proxy for it start `python -m llama_cpp.server` as always; where the
+  package is absent, `serve_with_llama_cpp_python(ws)` (a proxy) or `server_env()` (a process
+  started directly) put `stand_ins/` first on the child's PYTHONPATH, and its `llama_cpp.server`
+  answers instead (stand_ins/llama_cpp/server/__main__.py says how it behaves). With the real
+  package installed, nothing changes: the real server answers.
+- tests of the real server's own behaviour carry `requires_llama_cpp_python`: skipped without it,
+  saying so and how to install it. It is optional on purpose, so these skips stay skips under
+  IMAGEWORKS_TEST_REQUIRE_TOOLS=1, unlike those of support/tools.py.
 """
 
 from __future__ import annotations
@@ -14,10 +18,18 @@ import importlib.util
 import os
 from pathlib import Path
 
+import pytest
+
 from support.proxy_process import Workspace
 
 INSTALLED = importlib.util.find_spec("llama_cpp") is not None
 STAND_INS = Path(__file__).resolve().parent / "stand_ins"
+NOT_INSTALLED = (
+    "llama-cpp-python is not installed (it is left out of the default install): "
+    "uv pip install 'llama-cpp-python[server]>=0.3.16' to run this against the real server"
+)
+
+requires_llama_cpp_python = pytest.mark.skipif(not INSTALLED, reason=NOT_INSTALLED)
 
 
 def serve_with_llama_cpp_python(ws: Workspace) -> Workspace:
