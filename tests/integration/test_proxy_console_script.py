@@ -14,6 +14,7 @@ import pytest
 
 from conftest import entry, write_json
 from imageworks.chat_proxy.app import VERSION
+from support import child_processes
 from support.proxy_process import PROXY, RunningProxy, Workspace, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -40,7 +41,7 @@ def workspace(tmp_path: Path) -> Workspace:
 
 
 def run_proxy(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return child_processes.run(
         [str(PROXY), *args],
         cwd=workspace.root,
         env=workspace.env(),

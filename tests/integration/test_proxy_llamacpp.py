@@ -19,6 +19,7 @@ import pytest
 from openai import OpenAI
 
 from conftest import make_demo_workspace
+from support.llama_cpp_python import serve_with_llama_cpp_python
 from support.proxy_process import RunningProxy, Workspace, pid_alive, processes_listening_on
 
 pytestmark = pytest.mark.timeout(180)
@@ -133,10 +134,11 @@ def test_concurrent_streams_each_get_content_and_a_finish_reason(proxy: RunningP
 def test_llama_cpp_python_serves_concurrent_streams_in_turn(
     tmp_path: Path, demo_models: Path
 ) -> None:
-    # The second launcher, for people who have it: started with --interrupt_requests False, it
-    # queues concurrent requests instead of cutting the running one short.
+    # The second launcher, for people who have it (else its stand-in): started with
+    # --interrupt_requests False, it queues concurrent requests instead of cutting the running
+    # one short.
     make_demo_workspace(tmp_path, demo_models)
-    workspace = Workspace(tmp_path, extra_env={"CHAT_PROXY_LLAMACPP_LAUNCHER": "llama-cpp-python"})
+    workspace = serve_with_llama_cpp_python(Workspace(tmp_path))
     other = workspace.start_proxy()
     try:
         _three_streams_at_once(other)

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from conftest import make_demo_workspace, write_json
+from support.llama_cpp_python import serve_with_llama_cpp_python
 from support.proxy_process import RunningProxy, Workspace
 from support.proxy_server import ProxyServer
 from support.scripted_upstream import SCENARIOS, ScriptedUpstream
@@ -36,16 +37,16 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def _demo_proxy(root: Path, demo_models: Path, **env: str) -> Iterator[RunningProxy]:
-    make_demo_workspace(root, demo_models)
-    with Workspace(root, extra_env=env).serving() as running:
+def _demo_proxy(workspace: Workspace, demo_models: Path) -> Iterator[RunningProxy]:
+    make_demo_workspace(workspace.root, demo_models)
+    with workspace.serving() as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory, demo_models: Path) -> Iterator[Proxy]:
     """The demo registry behind the real console script, llama-server serving its models."""
-    with _demo_proxy(tmp_path_factory.mktemp("demo"), demo_models) as running:
+    with _demo_proxy(Workspace(tmp_path_factory.mktemp("demo")), demo_models) as running:
         yield Proxy(running.url, SMOL)
 
 
@@ -191,10 +192,10 @@ def test_a_backend_500_blaming_the_request_is_a_400(scripted: Proxy) -> None:
 def llama_cpp_python(
     tmp_path_factory: pytest.TempPathFactory, demo_models: Path
 ) -> Iterator[Proxy]:
-    """The demo registry served by llama-cpp-python's server, which answers input its models
-    reject with a 500 and a validation dump."""
-    root = tmp_path_factory.mktemp("llama-cpp-python")
-    with _demo_proxy(root, demo_models, CHAT_PROXY_LLAMACPP_LAUNCHER="llama-cpp-python") as running:
+    """The demo registry served by llama-cpp-python's server (else its stand-in), which answers
+    input its models reject with a 500 and a validation dump."""
+    workspace = serve_with_llama_cpp_python(Workspace(tmp_path_factory.mktemp("llama-cpp-python")))
+    with _demo_proxy(workspace, demo_models) as running:
         yield Proxy(running.url, SMOL)
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT
+from support import child_processes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,8 +54,13 @@ def test_a_first_install_says_it_compiles_llama_cpp_and_how_long_it_has_taken(
 ) -> None:
     root, env = checkout(tmp_path, installed=False)
 
-    run = subprocess.run(
-        ["sh", "quickstart.sh", "test", "-q"], cwd=root, env=env, capture_output=True, text=True
+    run = child_processes.run(
+        ["sh", "quickstart.sh", "test", "-q"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
     assert run.returncode == 0, run.stderr
@@ -71,8 +76,13 @@ def test_a_first_install_says_it_compiles_llama_cpp_and_how_long_it_has_taken(
 def test_an_installed_checkout_goes_straight_to_the_tests(tmp_path: Path) -> None:
     root, env = checkout(tmp_path, installed=True)
 
-    run = subprocess.run(
-        ["sh", "quickstart.sh", "test"], cwd=root, env=env, capture_output=True, text=True
+    run = child_processes.run(
+        ["sh", "quickstart.sh", "test"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
     assert run.returncode == 0, run.stderr
@@ -82,6 +92,8 @@ def test_an_installed_checkout_goes_straight_to_the_tests(tmp_path: Path) -> Non
 
 def test_an_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
     root, env = checkout(tmp_path, installed=True)
-    run = subprocess.run(["sh", "quickstart.sh", "serve"], cwd=root, env=env, capture_output=True)
+    run = child_processes.run(
+        ["sh", "quickstart.sh", "serve"], cwd=root, env=env, capture_output=True, timeout=30
+    )
     assert run.returncode == 2
     assert b"usage: sh quickstart.sh demo|test" in run.stderr

