@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 SMOL = "smollm2 135m (Q4 1)"
 CHECKS = ["registry", "llama-server", "gpu", "ollama", "proxy port", "model port", "model"]
+OTHER_CHECKS = ["settings", "llama-cpp-py", "vllm"]  # when they apply
 # Answers `--version` as the real server does, then dies at load saying why.
 DIES_AT_LOAD = (
     '#!/bin/sh\n[ "$1" = --version ] && exec {server} --version\n'
@@ -36,7 +37,7 @@ def lines(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
     for row in result.stdout.splitlines():
         parts = row.split(None, 1)
         if len(parts) == 2 and parts[0] in ("ok", "warn", "FAIL"):
-            name = next(n for n in CHECKS if parts[1].startswith(n + " "))
+            name = next(n for n in CHECKS + OTHER_CHECKS if parts[1].startswith(n + " "))
             found[name] = row
     return found
 
@@ -136,6 +137,31 @@ def test_doctor_fails_naming_the_variable_when_the_llama_server_binary_exits_1(
     assert "CHAT_PROXY_LLAMA_SERVER_BINARY=" in row
     assert "`--version` exited with code 1: this build is broken" in row
     assert "point CHAT_PROXY_LLAMA_SERVER_BINARY at a working llama-server" in row
+
+
+def test_doctor_says_how_to_install_llama_cpp_python_when_it_is_the_launcher(
+    ws: Workspace,
+) -> None:
+    ws.extra_env["CHAT_PROXY_LLAMACPP_LAUNCHER"] = "llama-cpp-python"  # not installed here
+    result = ws.loader("doctor")
+    assert result.returncode == 1
+    found = lines(result)
+    assert "llama-server" not in found  # not the launcher in use
+    row = found["llama-cpp-py"]
+    assert row.startswith("FAIL ")
+    assert "No module named 'llama_cpp'" in row
+    assert "install it with `uv pip install 'llama-cpp-python[server]>=0.3.16'`" in row
+    assert found["model"].startswith("warn ")
+
+
+def test_doctor_names_a_setting_it_cannot_use(ws: Workspace) -> None:
+    ws.extra_env["CHAT_PROXY_PORT"] = "eighty"
+    result = ws.loader("doctor")
+    assert result.returncode == 1
+    found = lines(result)
+    assert list(found) == ["registry", "settings"]
+    assert found["settings"].startswith("FAIL  settings      CHAT_PROXY_PORT: ")
+    assert found["settings"].endswith("correct that variable or unset it")
 
 
 def test_doctor_names_the_pid_and_command_holding_the_proxy_and_model_ports(

@@ -100,8 +100,11 @@ def check(entry: RegistryEntry | None, setup: Setup) -> Finding:
 
 
 def _through_proxy(entry: RegistryEntry, label: str, url: str, setup: Setup) -> Finding:
-    # The proxy bounds a swap itself (queue, drain, start): wait for its answer.
-    timeout = httpx.Timeout(None, connect=_CONNECT_S)
+    # The proxy bounds the wait for its GPU slot (a swap: drain, stop, start) and the answer.
+    settings = setup.proxy
+    timeout = httpx.Timeout(
+        settings.queue_timeout_s + settings.backend_timeout_s, connect=_CONNECT_S
+    )
     started = time.monotonic()
     problem = _ask(url, entry, entry.name, setup.token, timeout)
     took = time.monotonic() - started
