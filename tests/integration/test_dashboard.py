@@ -21,8 +21,9 @@ from playwright.sync_api import Browser, ConsoleMessage, Error, Page, expect
 
 from conftest import REPO_ROOT, make_demo_workspace, write_json
 from support.browser import chromium
+from support.fake_ollama import FakeOllama
 from support.model_servers import serve_through
-from support.proxy_process import RunningProxy, Workspace, processes_listening_on
+from support.proxy_process import RunningProxy, Workspace, free_port, processes_listening_on
 from support.proxy_server import ProxyServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -30,6 +31,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SMOL = "smollm2 135m (Q4 1)"
 GEMMA = "gemma3 270m (Q4 K M)"
 SMOL_ENTRY = "smollm2_135m_(Q4_1)"
+OLLAMA_MODEL = "qwen3 8b (Q4 K M)"  # the demo registry's Ollama example
+OLLAMA_ENTRY = "qwen3_8b_(Q4_K_M)"
 SWAP_MS = 60_000  # a demo model starts in a few seconds on a CPU; a loaded CI runner is slower
 # A model server that dies at once, saying why on stderr (its log).
 FAILING_SERVER = "#!/bin/sh\necho 'error: cannot open the weights' >&2\nexit 3\n"
@@ -231,6 +234,59 @@ def test_dashboard_shows_a_failed_start_with_the_model_servers_log_tail(
             page.screenshot(path=artifacts_dir() / "dashboard-failed-start.png", full_page=True)
         finally:
             context.close()
+
+
+def overview_model(url: str, name: str) -> dict[str, Any]:
+    model: dict[str, Any] = next(m for m in overview(url)["models"] if m["name"] == name)
+    return model
+
+
+def test_dashboard_shows_an_ollama_entry_unreachable_while_its_ollama_is_down(
+    browser: Browser, tmp_path: Path, demo_models: Path
+) -> None:
+    make_demo_workspace(tmp_path, demo_models)
+    ws = Workspace(tmp_path)
+    host = f"http://127.0.0.1:{free_port()}"  # no Ollama there, until the fake one starts
+    ws.extra_env.update(IMAGEWORKS_OLLAMA_HOST=host, CHAT_PROXY_INSTALLED_REFRESH_S="0.3")
+    running = ws.start_proxy()
+    console = Console(poll_url=f"{running.url}/v1/admin/overview")
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = context.new_page()
+        page.on("console", console.on_console)
+        page.on("pageerror", console.on_page_error)
+        page.goto(f"{running.url}/ui")
+        state = models_row(page, OLLAMA_MODEL).locator("td.state")
+        activate = page.get_by_role("button", name=f"Activate {OLLAMA_MODEL}")
+        why = re.compile(
+            rf"^Ollama at {re.escape(host)} does not answer: .+; "
+            r"start it or set IMAGEWORKS_OLLAMA_HOST$"
+        )
+        expect(state).to_have_text("unreachable")
+        # The reason and the fix, in the row under the model's, describe its disabled button.
+        expect(page.get_by_role("row").filter(has_text=f"Ollama at {host}")).to_have_text(why)
+        expect(activate).to_be_disabled()
+        expect(activate).to_have_accessible_description(why)
+        expect(models_row(page, SMOL).locator("td.state")).to_have_text("idle")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        page.screenshot(path=artifacts_dir() / "dashboard-ollama-unreachable.png", full_page=True)
+        model = overview_model(running.url, OLLAMA_ENTRY)
+        assert model["state"] == "unreachable"
+        assert model["unreachable"]["reason"].startswith(f"Ollama at {host} does not answer: ")
+        assert model["unreachable"]["fix"] == "start it or set IMAGEWORKS_OLLAMA_HOST"
+
+        with FakeOllama(port=int(host.rsplit(":", 1)[1])):  # Ollama comes up, with qwen3:8b
+            expect(state).to_have_text("idle", timeout=10_000)
+            expect(activate).to_be_enabled()
+            model = overview_model(running.url, OLLAMA_ENTRY)
+            assert (model["installed"], model["unreachable"]) == (True, None)
+            expect(page.get_by_role("row").filter(has_text=f"Ollama at {host}")).to_be_hidden()
+        expect(state).to_have_text("unreachable", timeout=10_000)  # and goes down again
+        expect(activate).to_be_disabled()
+        assert console.errors == []
+    finally:
+        context.close()
+        running.terminate()
 
 
 @pytest.fixture

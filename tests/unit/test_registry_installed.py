@@ -13,9 +13,11 @@ import pytest
 from imageworks.registry.installed import (
     HttpServedModels,
     Installed,
+    OllamaDown,
     ServedApi,
     ServedModelsQuery,
     Unanswered,
+    installed_report,
     installed_states,
 )
 from imageworks.registry.schema import RegistryEntry
@@ -100,6 +102,36 @@ def test_external_entries_ask_the_openai_models_list(tmp_path: Path) -> None:
 def test_without_a_source_backend_served_entries_are_unknown(tmp_path: Path) -> None:
     states = installed_states([_entry("o", "ollama")], tmp_path, None, OLLAMA)
     assert states == {"o": Installed.UNKNOWN}
+
+
+def test_a_down_ollama_leaves_its_entries_unknown_and_says_where_and_what_to_do(
+    tmp_path: Path,
+) -> None:
+    entries = [
+        _entry("default", "ollama", served_model_id="qwen3:8b"),
+        _entry("own", "ollama", served_model_id="qwen3:8b", backend_config={"host": "gpu-box"}),
+    ]
+    source = FakeSource({})  # every backend: "cannot connect", down
+    report = installed_report(entries, tmp_path, source, OLLAMA)
+    assert report.states == {"default": Installed.UNKNOWN, "own": Installed.UNKNOWN}
+    assert report.reasons == {}  # only remotes are UNREACHABLE
+    assert report.ollama_down == {
+        "default": OllamaDown(
+            f"Ollama at {OLLAMA} does not answer: cannot connect",
+            "start it or set IMAGEWORKS_OLLAMA_HOST",
+        ),
+        "own": OllamaDown(
+            "Ollama at http://gpu-box:11434 does not answer: cannot connect",
+            "start it, or correct the entry's backend_config.host",
+        ),
+    }
+
+
+def test_an_ollama_that_answers_oddly_is_not_down(tmp_path: Path) -> None:
+    source = FakeSource({OLLAMA: Unanswered("/api/tags answered HTTP 404", down=False)})
+    report = installed_report([_entry("o", "ollama")], tmp_path, source, OLLAMA)
+    assert report.states == {"o": Installed.UNKNOWN}
+    assert report.ollama_down == {}
 
 
 class _TagsHandler(BaseHTTPRequestHandler):

@@ -329,6 +329,34 @@ async def test_catalog_marks_a_remote_down_keeps_it_listed_and_brings_it_back(
             await checking
 
 
+async def test_catalog_gives_the_entries_of_a_down_ollama_an_outage_and_keeps_them_unlisted(
+    tmp_path: Path,
+) -> None:
+    tag = {"name": "tag", "backend": "ollama", "served_model_id": "qwen3:8b"}
+    write_json(tmp_path / "model_registry.curated.json", [tag])
+    settings = ProxySettings(log_path=tmp_path / "log", installed_refresh_s=0.1)
+    source = SwitchableSource()
+    source.answer = Unanswered("cannot connect (ConnectError)", down=True)
+    catalog = Catalog(RegistryStore(tmp_path), settings, ollama_host=OLLAMA, served_source=source)
+    checking = asyncio.create_task(catalog.keep_installed_states_fresh())
+    try:
+        await asyncio.wait_for(_until(lambda: catalog.outage("tag") is not None), 10)
+        outage = catalog.outage("tag")
+        assert outage is not None
+        assert outage.reason == f"Ollama at {OLLAMA} does not answer: cannot connect (ConnectError)"
+        assert outage.fix == "start it or set IMAGEWORKS_OLLAMA_HOST"
+        view = await catalog.view()
+        assert view.installed["tag"] is Installed.UNKNOWN  # not listed, as before
+        assert json.loads(view.listing)["data"] == []
+
+        source.answer = frozenset({"qwen3:8b"})
+        await asyncio.wait_for(_until(lambda: catalog.outage("tag") is None), 10)
+    finally:
+        checking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await checking
+
+
 async def test_a_lease_of_a_down_remote_fails_fast_naming_it_and_since_when() -> None:
     since = time.time() - 60
     outage = Outage(since, "cannot connect (ConnectError)", time.time() + 5)

@@ -88,9 +88,11 @@ class RemoteDown(BackendBusy):
 
 @dataclass(frozen=True, slots=True)
 class Outage:
-    """A remote entry's failing health check: since when (epoch seconds), why (never a key),
-    and when it is checked next (epoch seconds)."""
+    """An entry's failing health check (a remote's, or its Ollama's): since when (epoch
+    seconds), why (never a key), when it is checked next (epoch seconds), and what to do when
+    that is known."""
 
     since: float
     reason: str
     next_check: float
+    fix: str | None = None

@@ -5,7 +5,9 @@ nothing changed). Whether backend-served entries (Ollama tags, external URLs) ar
 asked in the background every `installed_refresh_s`, so a dead backend never slows a listing.
 For a remote entry that ask is its health check (at the entry's own `health_check_interval_s`
 if it sets one): while it fails the entry is "unreachable", still listed, and `outage()` says
-since when and why, so its requests are refused at once.
+since when and why, so its requests are refused at once. An Ollama that does not answer gives
+its entries an outage too (why, and the fix), for the dashboard; they stay "unknown" (not
+listed), and their requests go to the GPU slot as before.
 
 Every listed model carries its `status` (model_status.py: is it warm?). The listing is made of
 bytes prepared per model, each with the status it has while the slot is idle; when the slot
@@ -192,8 +194,8 @@ class Catalog:
             raise ModelNotFound(requested, exc.suggestions) from exc
 
     def outage(self, name: str) -> Outage | None:
-        """The remote entry's failing health check, or None while it passes (or is not a
-        remote)."""
+        """The entry's failing health check: a remote that does not answer, or an Ollama entry
+        whose Ollama does not; None while it passes (or for an entry nobody is asked about)."""
         return self._outages.get(name)
 
     async def keep_installed_states_fresh(self) -> None:
@@ -227,6 +229,8 @@ class Catalog:
         must not make the listing be rebuilt every second for nothing."""
         now, wall = time.monotonic(), time.time()
         before = dict(self._served_states)
+        news: dict[str, list[str]] = {}  # reason -> the entries whose outage starts now
+        back: list[str] = []
         for entry in asked:
             interval = (
                 entry.backend_config.health_check_interval_s or self._settings.installed_refresh_s
@@ -234,15 +238,21 @@ class Catalog:
             self._next_check[entry.name] = now + interval
             state = report.states[entry.name]
             self._served_states[entry.name] = state
-            if state is Installed.UNREACHABLE:
+            down = report.ollama_down.get(entry.name)
+            if state is Installed.UNREACHABLE or down is not None:
                 previous = self._outages.get(entry.name)
                 since = previous.since if previous is not None else wall
-                reason = report.reasons[entry.name]
-                self._outages[entry.name] = Outage(since, reason, wall + interval)
+                reason = down.reason if down is not None else report.reasons[entry.name]
+                fix = down.fix if down is not None else None
+                self._outages[entry.name] = Outage(since, reason, wall + interval, fix)
                 if previous is None:
-                    log.warning("remote entry %s is unreachable: %s", entry.name, reason)
+                    news.setdefault(reason, []).append(entry.name)
             elif self._outages.pop(entry.name, None) is not None:
-                log.info("remote entry %s is reachable again", entry.name)
+                back.append(entry.name)
+        for reason, starting in news.items():  # one Ollama's entries share one line
+            log.warning("%s unreachable: %s", _entries_are(starting), reason)
+        if back:
+            log.info("%s reachable again", _entries_are(back))
         for name in (self._served_states.keys() | self._next_check.keys()) - names:
             self._served_states.pop(name, None)
             self._outages.pop(name, None)
@@ -353,6 +363,10 @@ class Catalog:
                 "schema_version": self._settings.schema_version,
             },
         }
+
+
+def _entries_are(names: list[str]) -> str:
+    return f"entry {names[0]} is" if len(names) == 1 else f"entries {', '.join(names)} are"
 
 
 def _with_status_bytes(body: bytes, status: bytes) -> bytes:

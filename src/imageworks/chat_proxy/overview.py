@@ -1,10 +1,11 @@
 """`GET /v1/admin/overview`: everything the dashboard shows, in one answer from memory.
 
-The models with their state in the GPU slot (a remote's: whether it answers its health check,
-and if not since when and why), the slot itself (holder and since when, what a swap is doing
-and for how long, who waits, the last swaps, the last error with the model server's log tail),
-recent requests and a per-10-seconds series for the chart, and the proxy's identity (its
-`boot_id` changes on every start, which is how the page sees a restart complete).
+The models with their state in the GPU slot (a remote's, or an Ollama entry's: whether its
+server answers the background check, and if not since when, why and what to do), the slot
+itself (holder and since when, what a swap is doing and for how long, who waits, the last swaps,
+the last error with the model server's log tail), recent requests and a per-10-seconds series
+for the chart, and the proxy's identity (its `boot_id` changes on every start, which is how the
+page sees a restart complete).
 """
 
 from __future__ import annotations
@@ -81,10 +82,11 @@ def _models(view: CatalogView, slot: dict[str, Any], catalog: Catalog) -> list[d
                 "waiting": waiting.get(entry.name, 0),
                 # The holder's server runs in safe mode: it crashed at load without these.
                 "safe_mode": slot["safe_mode"] if entry.name == slot["holder"] else [],
-                # A remote whose health check fails: since when and why (never its key).
+                # A remote, or an Ollama, that does not answer: since when, why (never a key)
+                # and, when known, what to do.
                 "unreachable": None
                 if outage is None
-                else {"since": iso_utc(outage.since), "reason": outage.reason},
+                else {"since": iso_utc(outage.since), "reason": outage.reason, "fix": outage.fix},
             }
         )
     return models

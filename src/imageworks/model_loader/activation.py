@@ -179,11 +179,15 @@ async def _stop(state_file: StateFile, stop_timeout_s: float) -> ManagedState | 
 
 
 def activate(
-    entry: RegistryEntry, settings: ProxySettings, launches: LaunchSettings, ollama_host: str
+    entry: RegistryEntry,
+    settings: ProxySettings,
+    launches: LaunchSettings,
+    ollama_host: str | None,
 ) -> ManagedState:
     """Start `entry`'s server (stopping another one first) and record it; no proxy involved.
     The same effects as the proxy's GPU slot: the record is written as the process spawns, a
-    failed start kills what it spawned, and Ollama is asked to unload first."""
+    failed start kills what it spawned, and Ollama (`ollama_host`; None: none to ask) is asked
+    to unload first."""
     try:
         plan = LaunchPlan(entry, launch_spec(entry, launches))
     except BackendNotReady as exc:  # a launch setting (named in the message) or the entry
@@ -198,7 +202,7 @@ def activate(
 
 
 async def _activate(
-    plan: LaunchPlan, state_file: StateFile, settings: ProxySettings, ollama_host: str
+    plan: LaunchPlan, state_file: StateFile, settings: ProxySettings, ollama_host: str | None
 ) -> ManagedState:
     timeouts = {
         "start_timeout_s": settings.vllm_start_timeout_s,

@@ -10,13 +10,17 @@
     imageworks-loader current-model [--json]
     imageworks-loader discover [--weights-dir DIR] [--ollama-host URL | --no-ollama]
                                [--dry-run] [--json]
+    imageworks-loader doctor [--model NAME] [--json]
 
 Output is text for people. With `--json` stdout holds exactly one JSON document instead, and
 nothing else. `current-model --json` prints the state file's record, or `null` when no model is
 active; while a proxy runs, its `/v1/admin/status` answer with `"proxy": URL` added.
 `activate-model --json` prints the same shapes after the change (`--stop`: the record stopped,
 or `null`). `discover --json` prints what it added, updated, marked missing and left to curated
-entries, with its warnings (see model_loader/discover_command.py).
+entries, with its warnings (see model_loader/discover_command.py). `doctor` prints one line
+per check (`ok`, `warn` or `FAIL`, what was found, and the fix), or with `--json` one document
+`{ok, seconds, checks: [{name, status, found, fix, ...}]}`, and exits 1 when a check failed
+(model_loader/doctor.py); a broken registry is one of its findings, not an error.
 
 A failure is one line on stderr, `imageworks-loader: error: <problem>; <what to do>`, and exit
 status 1 (2 for bad usage). Nothing is printed on stdout then, with `--json` too: scripts test the
@@ -38,7 +42,7 @@ from pydantic import ValidationError
 
 from imageworks.backends.state import StateLockTimeout
 from imageworks.config import RegistrySettings
-from imageworks.model_loader import discover_command, model_commands, registry_commands
+from imageworks.model_loader import discover_command, doctor, model_commands, registry_commands
 from imageworks.model_loader.activation import STATE_FIX
 from imageworks.model_loader.context import Context
 from imageworks.model_loader.errors import PROG, ActivationError, LoaderError
@@ -127,6 +131,17 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument(
         "--dry-run", action="store_true", help="print what would change; write nothing"
     )
+    doctor_cmd = command(
+        "doctor",
+        "check what a new user needs: registry, backends, ports, GPU, Ollama, one model's answer",
+        'print {"ok", "seconds", "checks": [{name, status, found, fix, ...}]}',
+    )
+    doctor_cmd.add_argument(
+        "--model",
+        metavar="NAME",
+        help="the model to load and ask for one token "
+        "(default: the smallest installed llama.cpp chat entry)",
+    )
     return parser
 
 
@@ -135,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _registry_settings()
         store = RegistryStore(args.registry_dir or settings.registry_dir)
+        if args.command == "doctor":  # a broken registry is one of its findings
+            return doctor.doctor(args, store, settings, sys.stdout)
         snapshot = _load(store, fresh_ok=args.command == "discover")
         for warning in snapshot.warnings:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)

@@ -9,6 +9,9 @@
 - For an `external` entry (a remote) that ask is also its health check: a remote that refuses
   the connection, times out, fails with a 5xx or refuses the key makes its entries
   "unreachable", with the reason (the key's variable named, never its value).
+- An Ollama that does not answer leaves its entries "unknown" (the GPU slot deals with Ollama
+  itself, and what it has pulled cannot be known), and the report says why and what to do
+  (`OllamaDown`), so the dashboard can show them as unreachable rather than ready to load.
 """
 
 from __future__ import annotations
@@ -135,10 +138,31 @@ def _matches(wanted: str, served: frozenset[str]) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class OllamaDown:
+    """The Ollama an entry is served by does not answer: why, and what to do."""
+
+    reason: str  # e.g. "Ollama at http://127.0.0.1:11434 does not answer: cannot connect (...)"
+    fix: str
+
+
+@dataclass(frozen=True, slots=True)
 class InstalledReport:
     states: dict[str, Installed]  # entry name -> installed state
     # entry name -> why its remote is unreachable, for every UNREACHABLE entry
     reasons: dict[str, str] = field(default_factory=dict)
+    # entry name -> its Ollama's outage, for every Ollama entry left UNKNOWN because of it
+    ollama_down: dict[str, OllamaDown] = field(default_factory=dict)
+
+
+def ollama_down(entry: RegistryEntry, url: str, reason: str) -> OllamaDown:
+    """An Ollama entry's server is down: where (`url`), why, and the setting that decides it:
+    the entry's own `backend_config` when it names a host, else IMAGEWORKS_OLLAMA_HOST."""
+    config = entry.backend_config
+    if config.base_url or config.host:
+        fix = "start it, or correct the entry's backend_config.host"
+    else:
+        fix = "start it or set IMAGEWORKS_OLLAMA_HOST"
+    return OllamaDown(f"Ollama at {url} does not answer: {reason}", fix)
 
 
 def installed_states(
@@ -157,9 +181,10 @@ def installed_report(
     source: ServedModelsSource | None,
     ollama_host: str,
 ) -> InstalledReport:
-    """The installed states, and why each unreachable remote is."""
+    """The installed states, why each unreachable remote is, and each down Ollama's entries."""
     states: dict[str, Installed] = {}
     reasons: dict[str, str] = {}
+    down: dict[str, OllamaDown] = {}
     pending: dict[str, ServedModelsQuery] = {}
     for entry in entries:
         path = weights_path(entry, base_dir)
@@ -184,10 +209,12 @@ def installed_report(
                 reasons[name] = served.reason
             else:
                 states[name] = Installed.UNKNOWN
+                if served.down and query.api is ServedApi.OLLAMA:
+                    down[name] = ollama_down(by_name[name], query.url, served.reason)
         else:
             wanted = _wanted_id(by_name[name])
             states[name] = Installed.YES if _matches(wanted, served) else Installed.NO
-    return InstalledReport(states, reasons)
+    return InstalledReport(states, reasons, down)
 
 
 def _ask_all(

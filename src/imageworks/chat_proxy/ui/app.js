@@ -68,6 +68,7 @@ const state = {
   activating: new Set(), // models this page asked to activate, until the answer
   names: new Map(), // logical name -> display name (the id /v1/models lists)
   rows: new Map(), // display name -> the models table row's cells
+  detailIds: 0,
   requestsShown: "",
 };
 
@@ -261,9 +262,11 @@ function showModels(models) {
       state.rows.set(m.id, row);
     }
     seen.add(m.id);
-    if (view.models.children[index] !== row.tr) {
-      view.models.insertBefore(row.tr, view.models.children[index] || null);
+    // Each model has two rows: its own, and the one below it saying why it cannot be reached.
+    if (view.models.children[2 * index] !== row.tr) {
+      view.models.insertBefore(row.tr, view.models.children[2 * index] || null);
     }
+    if (row.tr.nextElementSibling !== row.detail) row.tr.after(row.detail);
     setText(row.logical, m.name === m.id ? "" : m.name);
     setText(row.backend, m.backend);
     setText(row.quant, m.quantization || "–");
@@ -274,20 +277,33 @@ function showModels(models) {
     setText(row.state, m.state + safe);
     row.state.dataset.state = m.state;
     setText(row.waiting, String(m.waiting));
-    // Only "not installed" says the files are missing: `installed` false with another state
-    // means unknown (an Ollama model when Ollama cannot be asked, say), and may be activated.
+    // "not installed" says the files are missing, "unreachable" that its server (a remote, or
+    // the Ollama it is served by) does not answer: activating either can only fail. `installed`
+    // false with another state means unknown, and may be activated.
     const missing = m.state === "not installed";
+    const down = m.state === "unreachable";
+    const why = down ? unreachableText(m.unreachable) : "";
+    setText(row.why, why);
+    row.detail.hidden = !down;
+    row.tr.classList.toggle("has-detail", down);
     row.tr.classList.toggle("not-installed", missing);
-    row.button.disabled = missing || m.state === "active" || state.activating.has(m.id);
-    row.button.title = missing ? "not installed" : "";
+    row.button.disabled = missing || down || m.state === "active" || state.activating.has(m.id);
+    row.button.title = missing ? "not installed" : why;
   });
   for (const [id, row] of state.rows) {
     if (!seen.has(id)) {
       row.tr.remove();
+      row.detail.remove();
       state.rows.delete(id);
     }
   }
   view.modelsEmpty.hidden = models.length > 0;
+}
+
+// Why a model's server does not answer, and what to do: "reason; fix".
+function unreachableText(unreachable) {
+  if (!unreachable) return "its server does not answer";
+  return unreachable.fix ? `${unreachable.reason}; ${unreachable.fix}` : unreachable.reason;
 }
 
 function modelRow(id) {
@@ -320,6 +336,15 @@ function modelRow(id) {
   button.dataset.model = id;
   cell().append(button);
   row.button = button;
+  // Why the model cannot be reached, and the fix: the full width of the table, under its row.
+  row.detail = document.createElement("tr");
+  row.detail.className = "detail";
+  row.detail.hidden = true;
+  row.why = document.createElement("td");
+  row.why.colSpan = tr.children.length;
+  row.why.id = `why-${(state.detailIds += 1)}`;
+  row.detail.append(row.why);
+  button.setAttribute("aria-describedby", row.why.id);
   return row;
 }
 
