@@ -15,6 +15,11 @@ import httpx
 import pytest
 
 from imageworks.backends.llamacpp import find_llama_server
+from imageworks.backends.safe_mode import SafeModeMemory
+from imageworks.backends.supervisor import LaunchSpec
+from support import child_processes
+from support.crashing_server import SAFE_FLAG as SAFE
+from support.crashing_server import write_crashing_launcher
 from support.fake_ollama import FakeOllama
 from support.model_servers import serve_through
 from support.proxy_process import Workspace, processes_listening_on
@@ -63,11 +68,12 @@ def stranger(ws: Workspace) -> Iterator[subprocess.Popen[bytes]]:
         "time.sleep(600)\n"
     )
     ports = [str(ws.proxy_port), str(ws.model_port)]
-    process = subprocess.Popen([sys.executable, "-c", code, *ports], stdout=subprocess.PIPE)
+    process = child_processes.popen([sys.executable, "-c", code, *ports], stdout=subprocess.PIPE)
     assert process.stdout is not None
     assert process.stdout.readline() == b"listening\n"
     yield process
     process.kill()
+    process.wait()
     process.wait()
 
 
@@ -150,7 +156,7 @@ def test_doctor_says_how_to_install_llama_cpp_python_when_it_is_the_launcher(
     row = found["llama-cpp-py"]
     assert row.startswith("FAIL ")
     assert "No module named 'llama_cpp'" in row
-    assert "install it with `uv pip install 'llama-cpp-python[server]>=0.3.16'`" in row
+    assert "install it with `uv sync --group llama-cpp-python`" in row
     assert found["model"].startswith("warn ")
 
 
@@ -233,3 +239,39 @@ def test_doctor_with_an_unknown_model_is_the_loaders_one_line_error(ws: Workspac
     assert result.stdout == ""
     assert result.stderr.startswith("imageworks-loader: error: no model named 'lama'")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_doctor_says_when_llama_server_starts_in_safe_mode_here(ws: Workspace) -> None:
+    """A binary that crashed at load before (remembered in the user's cache) is named as one
+    that starts in safe mode, with why."""
+    real = find_llama_server(None).binary
+    assert real is not None, "llama-server is part of the demo dependencies"
+    memory = SafeModeMemory(ws.root / "cache" / "imageworks" / "safe-mode.json")
+    spec = LaunchSpec("llama-server", (str(real),), 0, ws.root / "x.log", safe_mode_args=(SAFE,))
+    memory.remember(spec, "smol: was killed by SIGSEGV while starting")
+    ws.extra_env["XDG_CACHE_HOME"] = str(ws.root / "cache")
+
+    found = lines(ws.loader("doctor"))
+
+    assert found["llama-server"].startswith("ok ")
+    assert f"starts in safe mode ({SAFE}) since " in found["llama-server"]
+    assert "was killed by SIGSEGV while starting" in found["llama-server"]
+
+
+def test_doctor_gets_an_answer_from_a_build_that_crashes_unless_in_safe_mode(
+    ws: Workspace,
+) -> None:
+    """The model check starts the model as activate-model does: a crash at load is retried in
+    safe mode there too, and the model answers."""
+    real = find_llama_server(None).binary
+    assert real is not None, "llama-server is part of the demo dependencies"
+    launcher = write_crashing_launcher(ws.root, then=real)
+    ws.extra_env.update(
+        {"CHAT_PROXY_LLAMA_SERVER_BINARY": str(launcher), "XDG_CACHE_HOME": str(ws.root / "c")}
+    )
+
+    result = ws.loader("doctor")
+
+    assert result.returncode == 0, result.stdout
+    assert lines(result)["model"].startswith("ok ")
+    assert processes_listening_on(ws.model_port) == []  # stopped again

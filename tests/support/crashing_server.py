@@ -6,7 +6,8 @@ unless it is given its safe-mode flag.
 CHAT_PROXY_LLAMA_SERVER_BINARY (or to put in a LaunchSpec). Without `--no-repack` it prints a
 line of llama-server's start-up and kills itself with `crash`; with it, it becomes `then` (the
 real llama-server, so the real model answers) or, by default, the scripted llama-server stand-in.
-`exit_code` makes it exit with that status instead of a signal (a configuration error)."""
+`exit_code` makes it exit with that status instead of a signal (a configuration error).
+`--version` loads no model: it never crashes then."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def write_crashing_launcher(
         die = (
             f"signal.signal(signal.{crash}, signal.SIG_DFL)\nos.kill(os.getpid(), signal.{crash})\n"
         )
-    condition = "True" if always else f"{SAFE_FLAG!r} not in args"
+    # `--version` loads no model, so it answers as the real one does.
+    loading = "'--version' not in args"
+    condition = loading if always else f"{loading} and {SAFE_FLAG!r} not in args"
     path = directory / name
     path.write_text(
         f"#!{sys.executable}\n"

@@ -4,15 +4,19 @@ nvidia-smi. A program that hangs is a finding, never a hung doctor."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
-from imageworks.backends.llamacpp import LlamaCppPython, LlamaLauncher
+from imageworks.backends.llamacpp import LlamaCppPython, LlamaLauncher, LlamaServer
+from imageworks.backends.supervisor import LaunchSpec
 from imageworks.chat_proxy.config import ProxySettings
+from imageworks.chat_proxy.launching import safe_mode_memory
 from imageworks.model_loader import doctor_report as report
 from imageworks.model_loader.doctor_report import Finding, fail, ok, warn
 
@@ -20,7 +24,7 @@ VERSION_TIMEOUT_S = 10.0  # a program's `--version` (llama-server loads its back
 IMPORT_TIMEOUT_S = 20.0  # a Python importing llama-cpp-python's server (its web stack)
 NVIDIA_SMI_TIMEOUT_S = 5.0
 BINARY_VARIABLE = "CHAT_PROXY_LLAMA_SERVER_BINARY"
-LLAMA_CPP_PYTHON_INSTALL = "uv pip install 'llama-cpp-python[server]>=0.3.16'"
+LLAMA_CPP_PYTHON_INSTALL = "uv sync --group llama-cpp-python"
 # Run in the launcher's Python: is the module there, and which version is its distribution?
 _MODULE_PROBE = (
     "import importlib.metadata as m, importlib.util as u, sys\n"
@@ -61,7 +65,8 @@ def llamacpp(launcher: LlamaLauncher, proxy: ProxySettings, *, needed: bool) -> 
     if code == 0:
         via = f" ({BINARY_VARIABLE})" if configured else ""
         version = report.version_line(output)
-        return ok("llama-server", f"{version} at {path}{via}", path=path, version=version)
+        found = f"{version} at {path}{via}{_safe_mode_note(launcher, proxy)}"
+        return ok("llama-server", found, path=path, version=version)
     where = f"{BINARY_VARIABLE}={configured}" if configured else path
     how = output if code is None else f"`--version` {exit_words(code)}: {last_line(output)}"
     if configured:
@@ -72,6 +77,23 @@ def llamacpp(launcher: LlamaLauncher, proxy: ProxySettings, *, needed: bool) -> 
             f"{BINARY_VARIABLE} to a working llama-server"
         )
     return problem("llama-server", f"{where} {how}", fix, path=path)
+
+
+def _safe_mode_note(launcher: LlamaServer, proxy: ProxySettings) -> str:
+    """Whether this binary crashed at load here before and now starts in safe mode."""
+    assert launcher.binary is not None
+    spec = LaunchSpec(
+        "llama-server",
+        (str(launcher.binary),),
+        0,
+        Path(os.devnull),
+        safe_mode_args=launcher.safe_mode_args,
+    )
+    remembered = safe_mode_memory(proxy).recall(spec)
+    if remembered is None:
+        return ""
+    since = f" since {remembered.since}" if remembered.since else ""
+    return f"; starts in safe mode ({' '.join(remembered.args)}){since}: {remembered.reason}"
 
 
 def vllm(launcher: Sequence[str]) -> Finding:
