@@ -20,7 +20,9 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Error, Page, expect
 
 from conftest import REPO_ROOT, make_demo_workspace, write_json
+from imageworks.backends.llamacpp import find_llama_server
 from support.browser import chromium
+from support.crashing_server import SAFE_FLAG, write_crashing_launcher
 from support.fake_ollama import FakeOllama
 from support.model_servers import serve_through
 from support.proxy_process import RunningProxy, Workspace, free_port, processes_listening_on
@@ -326,3 +328,35 @@ def test_dashboard_page_needs_no_key_when_keys_are_configured(
             response = httpx.get(f"{server.url}{path}")
             assert response.status_code == 200, path
             assert response.headers["content-security-policy"].startswith("default-src 'self'")
+
+
+def test_dashboard_says_a_model_runs_in_safe_mode(
+    browser: Browser, tmp_path: Path, demo_models: Path
+) -> None:
+    """The real llama-server behind a launcher that crashes at load unless given --no-repack:
+    the model is active, and the row under it says it runs in safe mode."""
+    make_demo_workspace(tmp_path, demo_models)
+    ws = Workspace(tmp_path)
+    real = find_llama_server(None).binary
+    assert real is not None, "llama-server is part of the demo dependencies"
+    ws.extra_env.update(
+        CHAT_PROXY_LLAMA_SERVER_BINARY=str(write_crashing_launcher(tmp_path, then=real)),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+    )
+    running = ws.start_proxy()
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        page = context.new_page()
+        page.goto(f"{running.url}/ui")
+        page.get_by_role("button", name=f"Activate {SMOL}").click()
+        expect(models_row(page, SMOL).locator("td.state")).to_have_text("active", timeout=SWAP_MS)
+        note = page.get_by_role("row").filter(has_text="runs in safe mode")
+        expect(note).to_have_text(
+            f"runs in safe mode ({SAFE_FLAG}): its server crashed while loading without it"
+        )
+        expect(models_row(page, GEMMA).locator("td.state")).to_have_text("idle")
+        page.screenshot(path=artifacts_dir() / "dashboard-safe-mode.png", full_page=True)
+        assert overview_model(running.url, SMOL_ENTRY)["safe_mode"] == [SAFE_FLAG]
+    finally:
+        context.close()
+        ws.close()

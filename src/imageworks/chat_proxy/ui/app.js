@@ -262,7 +262,8 @@ function showModels(models) {
       state.rows.set(m.id, row);
     }
     seen.add(m.id);
-    // Each model has two rows: its own, and the one below it saying why it cannot be reached.
+    // Each model has two rows: its own, and the one below it saying why it cannot be reached
+    // (or that its server runs in safe mode).
     if (view.models.children[2 * index] !== row.tr) {
       view.models.insertBefore(row.tr, view.models.children[2 * index] || null);
     }
@@ -272,9 +273,7 @@ function showModels(models) {
     setText(row.quant, m.quantization || "–");
     setText(row.format, m.format || "");
     setText(row.caps, m.capabilities.length ? m.capabilities.join(", ") : "–");
-    // A server that crashed at load without its safe-mode arguments runs with them: say so.
-    const safe = m.safe_mode && m.safe_mode.length ? ` (safe mode: ${m.safe_mode.join(" ")})` : "";
-    setText(row.state, m.state + safe);
+    setText(row.state, m.state);
     row.state.dataset.state = m.state;
     setText(row.waiting, String(m.waiting));
     // "not installed" says the files are missing, "unreachable" that its server (a remote, or
@@ -283,9 +282,12 @@ function showModels(models) {
     const missing = m.state === "not installed";
     const down = m.state === "unreachable";
     const why = down ? unreachableText(m.unreachable) : "";
-    setText(row.why, why);
-    row.detail.hidden = !down;
-    row.tr.classList.toggle("has-detail", down);
+    // A server that crashed at load runs with its safe-mode arguments: the row below says so.
+    const safe = m.safe_mode && m.safe_mode.length ? safeModeText(m.safe_mode) : "";
+    setText(row.why, why || safe);
+    row.detail.hidden = !(why || safe);
+    row.detail.classList.toggle("safe", !why && Boolean(safe));
+    row.tr.classList.toggle("has-detail", Boolean(why || safe));
     row.tr.classList.toggle("not-installed", missing);
     row.button.disabled = missing || down || m.state === "active" || state.activating.has(m.id);
     row.button.title = missing ? "not installed" : why;
@@ -298,6 +300,10 @@ function showModels(models) {
     }
   }
   view.modelsEmpty.hidden = models.length > 0;
+}
+
+function safeModeText(args) {
+  return `runs in safe mode (${args.join(" ")}): its server crashed while loading without it`;
 }
 
 // Why a model's server does not answer, and what to do: "reason; fix".
