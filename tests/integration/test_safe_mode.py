@@ -308,3 +308,16 @@ def test_the_real_llama_server_takes_the_safe_mode_flag(ws: Workspace) -> None:
         assert streamed.text.rstrip().endswith("data: [DONE]")
         status = httpx.get(f"{proxy.url}/v1/admin/status", timeout=10).json()["slot"]
         assert status["safe_mode"] == [SAFE_FLAG]
+
+
+async def test_a_crash_of_a_binary_already_in_safe_mode_says_so(tmp_path: Path) -> None:
+    """A binary that starts in safe mode (here: always) and crashes even so is not retried, and
+    the failure says it was in safe mode."""
+    effects = Effects(tmp_path, write_crashing_launcher(tmp_path, always=True), policy="always")
+
+    with pytest.raises(BackendNotReady) as failed:
+        await effects.start()
+
+    assert f"killed by SIGSEGV while loading in safe mode ({SAFE_FLAG})" in str(failed.value)
+    assert HINT in str(failed.value)
+    assert len(effects.launches()) == 1

@@ -175,8 +175,9 @@ class GpuEffects:
         try:
             return await self._spawn_until_healthy(entry, spec, step)
         except StartError as exc:
-            retry = self._safe_mode.retries and spec.safe_mode_args and not spec.safe_mode
-            if not (exc.crashed and retry):
+            if exc.crashed and spec.safe_mode:  # safe mode was this binary's last resort
+                raise _crashed_in_safe_mode(entry, spec, exc) from exc
+            if not (exc.crashed and self._safe_mode.retries and spec.safe_mode_args):
                 raise
             crash = exc
         safe = spec.in_safe_mode()
@@ -189,14 +190,7 @@ class GpuEffects:
         except StartError as again:
             if not again.crashed:
                 raise
-            how = f"killed by {crash.signal_name} while loading, "
-            how += "also" if again.signal == crash.signal else f"and by {again.signal_name}"
-            raise StartError(
-                f"{entry.name}: {how} in safe mode ({args}) (log: {safe.log_path}); "
-                f"{safe.crash_hint}",
-                again.log_tail,
-                died_from=again.signal,
-            ) from again
+            raise _crashed_in_safe_mode(entry, safe, again, first=crash) from again
         # Worth remembering only now: safe mode is what made the difference.
         await asyncio.to_thread(self._safe_mode.remember, spec, crash.reason)
         return process
@@ -312,6 +306,28 @@ class GpuEffects:
             await asyncio.to_thread(clear)
         except (OSError, TimeoutError) as exc:
             log.warning("could not clear %s: %s", self._state_file.path, exc)
+
+
+def _crashed_in_safe_mode(
+    entry: RegistryEntry, safe: LaunchSpec, crash: StartError, *, first: StartError | None = None
+) -> StartError:
+    """Why a server crashed at load in safe mode (after `first`, the crash without it), with
+    what to try: its launcher's hint."""
+    args = " ".join(safe.safe_mode_args)
+    if first is None:
+        how = f"killed by {crash.signal_name} while loading in safe mode ({args})"
+    elif crash.signal == first.signal:
+        how = f"killed by {crash.signal_name} while loading, also in safe mode ({args})"
+    else:
+        how = (
+            f"killed by {first.signal_name} while loading, "
+            f"and by {crash.signal_name} in safe mode ({args})"
+        )
+    return StartError(
+        f"{entry.name}: {how} (log: {safe.log_path}); {safe.crash_hint}",
+        crash.log_tail,
+        died_from=crash.signal,
+    )
 
 
 @dataclass(frozen=True, slots=True)

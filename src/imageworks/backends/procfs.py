@@ -50,6 +50,13 @@ def process_start_ticks(pid: int) -> int | None:
     return None if stat is None or stat.state in _DEAD else stat.start
 
 
+def child_start_ticks(pid: int) -> int | None:
+    """The start time of our own child `pid`, also once it has exited: until we reap it, its
+    pid cannot be reused, so even a zombie's start time identifies it. None if it is gone."""
+    stat = _read_stat(pid)
+    return stat.start if stat is not None else None
+
+
 def is_same_process(pid: int, process_start: int) -> bool:
     """True if `pid` is alive and is the process that started at `process_start`."""
     return process_start_ticks(pid) == process_start

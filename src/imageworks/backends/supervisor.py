@@ -33,10 +33,10 @@ import httpx
 
 from imageworks.backends.base import Dialect
 from imageworks.backends.procfs import (
+    child_start_ticks,
     group_members,
     is_same_process,
     port_owner,
-    process_start_ticks,
 )
 
 logger = logging.getLogger(__name__)
@@ -337,14 +337,13 @@ async def spawn(spec: LaunchSpec) -> ServerProcess:
         raise StartError(
             f"{spec.name}: could not launch: {error}", log_tail(spec.log_path)
         ) from error
-    ticks = process_start_ticks(child.pid)
-    if ticks is None:  # it exited before we could even look
-        child.wait()
-        raise StartError(
-            f"{spec.name}: {_describe_exit(child.returncode)} at once (log: {spec.log_path})",
-            log_tail(spec.log_path),
-            died_from=_signal_of(child.returncode),
-        )
+    # Read even if it has exited already: the health check then reports how, as for any
+    # other server that dies while it starts.
+    ticks = child_start_ticks(child.pid)
+    if ticks is None:  # no /proc entry for our own unreaped child: not Linux's /proc
+        child.kill()
+        await asyncio.to_thread(child.wait)
+        raise StartError(f"{spec.name}: cannot read /proc/{child.pid}/stat of what it started")
     return ServerProcess(spec, child.pid, ticks, child)
 
 
