@@ -18,42 +18,14 @@ import pytest
 
 from imageworks.backends.llamacpp import find_llama_server
 from support.model_servers import SLOW_START, serve_through
-from support.proxy_process import RunningProxy, Workspace, pid_alive, processes_listening_on
+from support.proxy_process import Workspace, pid_alive, processes_listening_on
+from support.restarts import overview, restart, wait_for_new_boot
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 SMOL = "smollm2 135m (Q4 1)"
 SMOL_ENTRY = "smollm2_135m_(Q4_1)"
 JSON = {"Content-Type": "application/json"}
-
-
-def overview(proxy: RunningProxy) -> dict[str, Any]:
-    response = httpx.get(f"{proxy.url}/v1/admin/overview", timeout=10)
-    response.raise_for_status()
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def restart(proxy: RunningProxy) -> None:
-    response = httpx.post(f"{proxy.url}/v1/admin/restart", json={}, timeout=10)
-    assert response.status_code == 202, response.text
-    assert response.json()["restarting"] is True
-
-
-def wait_for_new_boot(proxy: RunningProxy, old_boot: str, timeout_s: float = 90) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            seen = overview(proxy)
-        except httpx.HTTPError:
-            seen = None
-        if seen is not None and seen["proxy"]["boot_id"] != old_boot:
-            return seen
-        assert proxy.process.poll() is None, (proxy.workdir / "proxy.out").read_text()
-        time.sleep(0.1)
-    raise AssertionError(
-        "the proxy did not come back: " + (proxy.workdir / "proxy.out").read_text()
-    )
 
 
 @dataclass

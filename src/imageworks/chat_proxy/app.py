@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from imageworks.chat_proxy.command_line import environment_from_argv
 from imageworks.chat_proxy.config import ProxySettings, SettingsError, load_settings
 from imageworks.chat_proxy.dashboard import dashboard_routes
+from imageworks.chat_proxy.draining import Drain
 from imageworks.chat_proxy.guard import AccessGuard, startup_warnings
 from imageworks.chat_proxy.model_router import ROUTER_ROUTES
 from imageworks.chat_proxy.openapi import openapi_document
@@ -173,15 +174,17 @@ def main() -> int:
     app = create_app(settings, registry)
     restart: RestartControl = app.state.restart
     handover = SocketHandover(sock)
+    drain = Drain()  # what a connection does once shutdown begins (draining.py)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=drain.protocol,
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.vllm_stop_timeout_s) + 15,
     )
-    server = _Server(config, on_shutdown=lambda: _begin_shutdown(app, handover, server))
+    server = _Server(config, drain, on_shutdown=lambda: _begin_shutdown(app, handover, server))
 
     def begin_restart() -> None:
         # A restart waits for the requests in flight as a swap does, however long they take.
@@ -199,11 +202,15 @@ def main() -> int:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, settling the heap once the app has started, telling the app the moment shutdown
-    begins (see `_begin_shutdown`), and remembering whether a signal (not a restart) stopped it."""
+    """uvicorn, settling the heap once the app has started, telling the connections (`drain`)
+    and the app (see `_begin_shutdown`) the moment shutdown begins, and remembering whether a
+    signal (not a restart) stopped it."""
 
-    def __init__(self, config: uvicorn.Config, *, on_shutdown: Callable[[], None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Drain, *, on_shutdown: Callable[[], None]
+    ) -> None:
         super().__init__(config)
+        self._drain = drain
         self._on_shutdown = on_shutdown
         self.signalled = False
 
@@ -216,6 +223,8 @@ class _Server(uvicorn.Server):
         settle_the_heap()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Before uvicorn tells the connections, so that one made meanwhile drains too.
+        self._drain.begin()
         self._on_shutdown()
         await super().shutdown(sockets)
 
