@@ -16,7 +16,8 @@ from support.proxy_process import Workspace
 
 # No process a test starts outlives the run (stopped on SIGTERM/SIGINT and after a SIGKILL too);
 # one still running at the end fails the run.
-pytest_plugins = ["support.process_hygiene"]
+# `--restart-rounds N`: the long form of the restarts under load.
+pytest_plugins = ["support.process_hygiene", "support.restart_rounds"]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,10 +1,8 @@
-"""Options of the integration tests.
+"""The restarts-under-load test's option, a plugin tests/conftest.py registers (a conftest.py of
+its own in tests/integration would shadow tests/conftest.py, which tests import as `conftest`).
 
     pytest tests/integration/test_restart_under_load.py                      # the short form
     pytest tests/integration/test_restart_under_load.py --restart-rounds 40  # ~40 restarts
-
-The option exists when pytest is pointed at tests/integration or a file in it; a plain `pytest`
-run reads this file after its command line, so there the short form always runs.
 """
 
 from __future__ import annotations
