@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,19 +50,23 @@ def checkout(tmp_path: Path, *, installed: bool) -> tuple[Path, dict[str, str]]:
     return root, env
 
 
-def test_a_first_install_says_it_compiles_llama_cpp_and_how_long_it_has_taken(
-    tmp_path: Path,
-) -> None:
-    root, env = checkout(tmp_path, installed=False)
-
-    run = child_processes.run(
-        ["sh", "quickstart.sh", "test", "-q"],
+def quickstart(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return child_processes.run(
+        ["sh", "quickstart.sh", *args],
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_a_first_install_says_it_compiles_llama_cpp_and_how_long_it_has_taken(
+    tmp_path: Path,
+) -> None:
+    root, env = checkout(tmp_path, installed=False)
+
+    run = quickstart(root, env, "test", "-q")
 
     assert run.returncode == 0, run.stderr
     assert "llama.cpp's server is compiled from source: about" in run.stderr
@@ -76,14 +81,7 @@ def test_a_first_install_says_it_compiles_llama_cpp_and_how_long_it_has_taken(
 def test_an_installed_checkout_goes_straight_to_the_tests(tmp_path: Path) -> None:
     root, env = checkout(tmp_path, installed=True)
 
-    run = child_processes.run(
-        ["sh", "quickstart.sh", "test"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = quickstart(root, env, "test")
 
     assert run.returncode == 0, run.stderr
     assert "compiled" not in run.stderr
@@ -92,8 +90,6 @@ def test_an_installed_checkout_goes_straight_to_the_tests(tmp_path: Path) -> Non
 
 def test_an_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
     root, env = checkout(tmp_path, installed=True)
-    run = child_processes.run(
-        ["sh", "quickstart.sh", "serve"], cwd=root, env=env, capture_output=True, timeout=30
-    )
+    run = quickstart(root, env, "serve")
     assert run.returncode == 2
-    assert b"usage: sh quickstart.sh demo|test" in run.stderr
+    assert "usage: sh quickstart.sh demo|test" in run.stderr
