@@ -70,6 +70,12 @@ class Workspace:
     stand_ins: tuple[Path, ...] = ()
     _proxies: list[RunningProxy] = field(default_factory=list, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # Two free_port() calls may return the same port (each socket is closed before the
+        # next is bound): the model server would then find the proxy on its port.
+        while self.model_port == self.proxy_port:
+            self.model_port = free_port()
+
     def env(self) -> dict[str, str]:
         inherited = os.environ.get("PYTHONPATH")
         path = [*map(str, self.stand_ins), str(SOURCE), *([inherited] if inherited else [])]
