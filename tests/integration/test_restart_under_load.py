@@ -172,6 +172,7 @@ def test_restart_under_kept_alive_load_answers_every_request_whole(
     assert any(a.closes for a in answers)
 
 
+@pytest.mark.timeout(240)
 def test_stop_under_kept_alive_load_ends_promptly_and_then_refuses_connections(
     ws: Workspace,
 ) -> None:
